@@ -1,0 +1,1 @@
+"""Readers, datalist builders and synthetic generators for BUSI and Synapse (BTCV) layouts."""
