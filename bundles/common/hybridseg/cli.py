@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import fire
 
 from hybridseg.data.busi import datalist_busi
@@ -18,9 +20,51 @@ COMMANDS = {
     "convert_transunet": convert_transunet,
 }
 
+# Flags that take several values. fire reads ``--shape 64 64 24`` as ``--shape 64`` plus two stray
+# positional arguments (silently shifting them into other parameters), so such runs are rewritten to
+# ``--shape=[64, 64, 24]`` before fire sees them.
+MULTI_VALUE_FLAGS = ("--shape", "--split", "--classes", "--test_cases", "--test-cases")
 
-def main() -> None:
-    fire.Fire(COMMANDS, name="hybridseg")
+
+def _literal(token: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(token)
+        except ValueError:
+            pass
+    return token
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """Collect the space-separated values after a multi-value flag into one list literal for fire.
+
+    A run ends at the next token starting with ``--`` (negative numbers such as ``-1`` are values).
+    ``--flag=value`` and a flag followed by a single value are left as they are.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in MULTI_VALUE_FLAGS:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            values = argv[i + 1 : j]
+            if len(values) > 1:
+                out.append(f"{tok}={[_literal(v) for v in values]!r}")
+            else:
+                out.extend(argv[i:j])
+            i = j
+        else:
+            out.append(tok)
+            i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one command; ``argv`` defaults to the process arguments."""
+    args = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    fire.Fire(COMMANDS, command=args, name="hybridseg")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,177 @@
+"""Helpers the bundle configs call: where the bundle is, which device, which inputs, learning-rate schedules."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from hybridseg.io import InputDataError
+
+
+def bundle_root(name: str) -> str:
+    """Absolute path of bundle ``name``, whatever the working directory.
+
+    MONAI's runner does not tell a config where its own file is, and the zoo default ``"."`` breaks when a
+    command runs from the repository root. Order: the working directory if it is that bundle; the bundle
+    folder beside this package in the repository (``bundles/<name>``); a packaged bundle that carries this
+    package inside it (``<bundle>/scripts/hybridseg``).
+    """
+    cwd = Path.cwd()
+    if _is_bundle(cwd, name):
+        return str(cwd)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parents[1] / name, here.parents[1], here.parents[0]):
+        if _is_bundle(candidate, name):
+            return str(candidate)
+    for candidate in (cwd / "bundles" / name, cwd / name):
+        if _is_bundle(candidate, name):
+            return str(candidate.resolve())
+    raise FileNotFoundError(
+        f"cannot find bundle {name!r} from {cwd}; run from the repository root or the bundle folder, "
+        "or pass --bundle_root"
+    )
+
+
+def _is_bundle(path: Path, name: str) -> bool:
+    meta = path / "configs" / "metadata.json"
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("name") == name
+    except (OSError, ValueError):
+        return False
+
+
+def default_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when a GPU is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
+
+
+def collect_inputs(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    suffixes: Sequence[str],
+    output_dir: str | os.PathLike | None = None,
+    check: str | None = None,
+    series_dirs: bool = False,
+) -> list[dict[str, str]]:
+    """Turn a folder, a file or a list of files into ``[{"image": path}, ...]`` for inference.
+
+    Fails before anything is written: on a missing path, an empty folder, a file with an unsupported
+    suffix, an output folder equal to an input folder (outputs never land next to inputs), or, with
+    ``check="2d"`` / ``"3d"``, any file that cannot be read completely as a 2D image / 3D volume.
+    With ``series_dirs``, a folder holding ``.dcm`` files is one DICOM series, and so is each such
+    sub-folder of a given folder.
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise InputDataError(None, "no input images given")
+    suffixes = tuple(s.lower() for s in suffixes)
+    files: list[Path] = []
+
+    def is_series(folder: Path) -> bool:
+        return series_dirs and any(f.suffix.lower() == ".dcm" for f in folder.iterdir() if f.is_file())
+
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and is_series(p):
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(
+                f for f in p.iterdir()
+                if (f.is_file() and f.name.lower().endswith(suffixes)) or (f.is_dir() and is_series(f))
+            )
+            if not found:
+                raise InputDataError(p, f"folder contains no input images ({', '.join(suffixes)})")
+            files.extend(found)
+            if output_dir is not None and Path(output_dir).resolve() == p.resolve():
+                raise InputDataError(output_dir, "the output folder is an input folder; choose another")
+        elif p.is_file():
+            if not p.name.lower().endswith(suffixes):
+                raise InputDataError(p, f"unsupported file type (expected one of {', '.join(suffixes)})")
+            files.append(p)
+        else:
+            raise InputDataError(p, "no such file or folder")
+    names = {}
+    for f in files:
+        from hybridseg.transforms import output_stem
+
+        stem = output_stem(f)
+        if stem in names:
+            raise InputDataError(f, f"has the same output name as {names[stem]}; outputs would collide")
+        names[stem] = f
+    if check is not None:
+        from hybridseg.transforms import read_2d, read_volume
+
+        reader = {"2d": read_2d, "3d": read_volume}[check]
+        for f in files:
+            reader(f)
+    return [{"image": str(f)} for f in files]
+
+
+def warmup_poly_lambda(total: int, warmup: int = 0, power: float = 0.9):
+    """LR factor for step ``t``: linear warm-up over ``warmup`` steps, then ``(1 - t'/T')**power`` poly decay
+    over the remaining steps (the recipe of both papers; steps are epochs or iterations)."""
+
+    def factor(t: int) -> float:
+        if warmup > 0 and t < warmup:
+            return (t + 1) / warmup
+        span = max(1, total - warmup)
+        return max(0.0, 1.0 - (t - warmup) / span) ** power
+
+    return factor
+
+
+def warmup_poly_scheduler(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int = 0, power: float = 0.9
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR with :func:`warmup_poly_lambda`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly_lambda(total, warmup, power))
+
+
+_FILE_HANDLERS: list = []
+
+
+def log_to_file(path: str | os.PathLike, level: str = "INFO") -> str:
+    """Also write the root logger (MONAI's StatsHandler, ignite, ours) to ``path``; returns the path."""
+    import logging
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.setLevel(level)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.getLevelName(level) or root.level == logging.NOTSET:
+        root.setLevel(level)
+    _FILE_HANDLERS.append(handler)
+    return str(path)
+
+
+def close_log_files() -> None:
+    """Detach and close the handlers added by :func:`log_to_file` (several workflows may run in one process)."""
+    import logging
+
+    root = logging.getLogger()
+    while _FILE_HANDLERS:
+        h = _FILE_HANDLERS.pop()
+        root.removeHandler(h)
+        h.close()
+
+
+def with_weights(model: torch.nn.Module, loader, **paths) -> torch.nn.Module:
+    """Call ``loader(model, **paths)`` with the paths that are set (a network's weight loader, e.g. ImageNet
+    backbones), log its report, and return ``model``; with no path set the model is returned untouched."""
+    import logging
+
+    given = {k: v for k, v in paths.items() if v not in (None, "", False)}
+    if given:
+        report = loader(model, **given)
+        logging.getLogger("hybridseg").info("loaded pretrained weights %s: %s", given, report)
+    return model

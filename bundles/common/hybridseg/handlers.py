@@ -1,0 +1,213 @@
+"""Ignite handlers for the bundles' evaluation: per-case metric reports under named protocols, with overlays."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hybridseg.io import atomic_write_text
+from hybridseg.metrics import MetricRecord, binary_case_metrics, label_volume_metrics, summarize
+from hybridseg.transforms import output_stem, overlay_rgb, write_png
+
+logger = logging.getLogger(__name__)
+
+CSV_FIELDS = ("case", "class_id", "class_name", "protocol", "dice", "iou", "hd95", "hd95_unit", "hd95_method",
+              "status")
+
+
+def _np(x: Any) -> np.ndarray:
+    return np.asarray(torch.as_tensor(x).detach().cpu())
+
+
+def _spacing(x: Any, ndim: int) -> tuple[float, ...] | None:
+    """Voxel spacing per array axis from a MetaTensor's affine (column norms), None without one."""
+    affine = getattr(x, "affine", None)
+    if affine is None:
+        return None
+    a = _np(affine).astype(np.float64)
+    if a.ndim == 3:
+        a = a[0]
+    return tuple(float(v) for v in np.sqrt((a[:ndim, :ndim] ** 2).sum(axis=0)))
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return ""
+    return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}"
+
+
+class SegmentationReport:
+    """Per-case Dice / IoU / HD95 of an evaluator's outputs under named protocols, written at epoch end.
+
+    Files in ``output_dir``: ``metrics_per_case.csv`` (one row per case, class and protocol; ``status``
+    says when a mask was empty), ``summary_<protocol>.json`` (mean/std per class and over classes, NaN
+    counts) and ``summary.md`` (the papers' table layout: one row per protocol, mean Dice and HD95, then
+    per-class Dice). Overlay PNGs of the first ``n_overlays`` cases go to ``output_dir/overlays``.
+
+    ``mode="binary"``: ``pred``/``label`` are ``(1, H, W)`` masks (BUSI, protocol ``busi``).
+    ``mode="labels"``: ``pred``/``label`` are ``(1, *spatial)`` label maps (Synapse; protocols ``paper``
+    and ``physical``, spacing read from the label's affine).
+    Under DDP every rank computes its own cases; rank 0 gathers and writes.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        class_names: Mapping[Any, str],
+        protocols: Sequence[str] = ("busi",),
+        mode: str = "binary",
+        pred_key: str = "pred",
+        label_key: str = "label",
+        image_key: str = "image",
+        case_key: str | None = None,
+        n_overlays: int = 4,
+        overlay_from_file: bool = False,
+    ) -> None:
+        if mode not in ("binary", "labels"):
+            raise ValueError(f"mode must be 'binary' or 'labels', got {mode!r}")
+        self.output_dir = Path(output_dir)
+        self.class_names = {int(k): str(v) for k, v in class_names.items() if int(k) != 0}
+        self.protocols = tuple(protocols)
+        self.mode = mode
+        self.pred_key, self.label_key, self.image_key, self.case_key = pred_key, label_key, image_key, case_key
+        self.n_overlays = n_overlays
+        self.overlay_from_file = overlay_from_file
+        self.rows: list[dict[str, Any]] = []
+        self.records: dict[str, list[MetricRecord]] = {}
+        self.summaries: dict[str, dict[str, Any]] = {}
+        self._n_cases = 0
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def reset(self, engine: Any = None) -> None:
+        self.rows, self.records, self.summaries, self._n_cases = [], {p: [] for p in self.protocols}, {}, 0
+
+    def _case_name(self, item: Mapping[str, Any]) -> str:
+        if self.case_key and self.case_key in item:
+            return str(item[self.case_key])
+        meta = getattr(item.get(self.image_key), "meta", {}) or {}
+        name = meta.get("filename_or_obj")
+        return output_stem(name) if name else f"case{self._n_cases:04d}"
+
+    def add_case(self, case: str, pred: Any, label: Any, image: Any = None) -> None:
+        """Score one case (also usable without an engine)."""
+        p, g = _np(pred), _np(label)
+        if p.shape != g.shape:
+            raise ValueError(f"case {case}: prediction shape {p.shape} differs from label shape {g.shape}")
+        p, g = p.reshape(p.shape[1:]) if p.shape[0] == 1 else p, g.reshape(g.shape[1:]) if g.shape[0] == 1 else g
+        for protocol in self.protocols:
+            if self.mode == "binary":
+                recs = [binary_case_metrics(p > 0.5, g > 0.5, protocol)]  # type: ignore[arg-type]
+            else:
+                spacing = _spacing(label, g.ndim) if protocol == "physical" else None
+                recs = label_volume_metrics(
+                    np.rint(p).astype(np.int64), np.rint(g).astype(np.int64), sorted(self.class_names),
+                    protocol, spacing,  # type: ignore[arg-type]
+                )
+            self.records.setdefault(protocol, []).extend(recs)
+            for r in recs:
+                self.rows.append({
+                    "case": case, "class_id": r.class_id, "class_name": self.class_names.get(r.class_id, ""),
+                    "protocol": r.protocol, "dice": r.dice, "iou": r.iou, "hd95": r.hd95,
+                    "hd95_unit": r.hd95_unit, "hd95_method": r.hd95_method, "status": r.status,
+                })
+        if self._n_cases < self.n_overlays:
+            self._overlay(case, p, g, image)
+        self._n_cases += 1
+
+    def iteration_completed(self, engine: Any) -> None:
+        output, batch = engine.state.output, engine.state.batch
+        outputs = output if isinstance(output, list) else [output]
+        batches = batch if isinstance(batch, list) else [batch] * len(outputs)
+        for item, data in zip(outputs, batches, strict=True):
+            # MONAI keeps datalist fields such as "case" in the batch, predictions in the output
+            merged = {**data, **item} if isinstance(data, Mapping) else item
+            self.add_case(
+                self._case_name(merged), merged[self.pred_key], merged[self.label_key], merged.get(self.image_key)
+            )
+
+    def _overlay(self, case: str, p: np.ndarray, g: np.ndarray, image: Any) -> None:
+        out = self.output_dir / "overlays"
+        if self.mode == "binary":
+            img = None
+            if self.overlay_from_file and image is not None:
+                from hybridseg.transforms import read_2d
+
+                img, _ = read_2d(image.meta["filename_or_obj"])
+            if img is None or img.shape != p.shape:
+                img = _np(image)[0] if image is not None and _np(image).shape[-2:] == p.shape else p.astype(float)
+            write_png(out / f"{case}_overlay.png", overlay_rgb(img, p > 0.5, g > 0.5))
+            return
+        # label volumes: the axial slice with the most ground-truth foreground
+        z = int(np.argmax((g > 0).reshape(-1, g.shape[-1]).sum(0))) if g.ndim == 3 else None
+        vol = _np(image)[0] if image is not None else g.astype(float)
+        sl = (slice(None), slice(None), z) if z is not None else (slice(None),) * g.ndim
+        write_png(out / f"{case}_z{z}.png", overlay_rgb(vol[sl], p[sl] > 0, g[sl] > 0))
+
+    def _gather(self) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, (self.rows, self.records))
+        self.rows = [r for rows, _ in gathered for r in rows]
+        merged: dict[str, list[MetricRecord]] = {}
+        for _, recs in gathered:
+            for k, v in recs.items():
+                merged.setdefault(k, []).extend(v)
+        self.records = merged
+
+    def epoch_completed(self, engine: Any = None) -> None:
+        self._gather()
+        rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+            torch.distributed.get_rank() == 0
+        )
+        self.summaries = {
+            p: summarize(recs, class_names=self.class_names) for p, recs in self.records.items() if recs
+        }
+        if not rank0:
+            return
+        self.write()
+
+    def write(self) -> None:
+        """Write the CSV, the JSON summaries and the markdown table (atomically)."""
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: _fmt(v) if isinstance(v, float) or v is None else v for k, v in r.items()})
+        atomic_write_text(self.output_dir / "metrics_per_case.csv", buf.getvalue())
+        for p, s in self.summaries.items():
+            atomic_write_text(self.output_dir / f"summary_{p}.json", json.dumps(s, indent=4, default=str) + "\n")
+        table = self.table()
+        atomic_write_text(self.output_dir / "summary.md", table + "\n")
+        logger.info("segmentation report (%d cases) in %s\n%s", self._n_cases, self.output_dir, table)
+
+    def table(self) -> str:
+        """One row per protocol: mean Dice, mean HD95 (unit), then each class's mean Dice."""
+        ids = sorted(self.class_names)
+        head = ["protocol", "cases", "Dice", "HD95", "HD95 unit"] + [self.class_names[i] for i in ids]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p, s in self.summaries.items():
+            over = s["over_classes"]
+            hd = over.get("hd95", {}).get("mean", math.nan)
+            n_cases = max((e["n_cases"] for e in s["per_class"].values()), default=0)
+            cells = [p, str(n_cases), f"{over['dice']['mean']:.4f}", f"{hd:.2f}", s["hd95_unit"]]
+            cells += [f"{s['per_class'][i]['dice']['mean']:.4f}" if i in s["per_class"] else "" for i in ids]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)

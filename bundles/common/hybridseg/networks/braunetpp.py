@@ -1,0 +1,590 @@
+"""BRAU-Net++ (Lan et al., 2024): a U-shaped hybrid CNN-Transformer built from bi-level routing attention.
+
+The network that the official code (``Caipengzhou/BRAU-Netplusplus``) actually runs, Synapse
+configuration by default (``/work/shared/spec/braunetpp.md``): 50,763,648 parameters with SCCSA,
+31,403,328 without. The official model also builds a bottleneck stage (``stages.3``) that its forward
+never calls; it is not built here, and :func:`convert_official_state_dict` drops its weights.
+
+Layout: the image is NCHW; every feature map inside the network is NHWC (B, H, W, C), which is the
+layout of the per-pixel Linear/LayerNorm layers, and whose NCHW view is channels-last for the convs.
+The logits are NCHW (B, num_classes, H, W) in channels-last memory.
+
+Any input whose sides are multiples of 32 works; bi-level routing attention pads maps that do not
+split into ``n_win`` x ``n_win`` regions (see :mod:`hybridseg.networks.bra`). Maps that do split
+(224 with n_win 7, 256 with n_win 8) compute exactly what the official code computes.
+
+Module names differ from the official ones (they say what the module is); the mapping is
+:func:`official_to_ours_key`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridseg.io import InputDataError
+from hybridseg.networks.bra import DEFAULT_KV_CHUNK_BYTES, BiLevelRoutingAttention
+
+__all__ = [
+    "BRAUNetPP",
+    "BRAUBlock",
+    "BiLevelRoutingAttention",
+    "SCCSA",
+    "PatchExpand",
+    "FinalPatchExpandX4",
+    "Stem",
+    "ConvDownsample",
+    "convert_official_state_dict",
+    "official_to_ours_key",
+    "load_official_checkpoint",
+    "load_biformer_weights",
+    "BiFormerLoadReport",
+]
+
+
+def _conv_nhwc(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply an NCHW conv (or conv + BN sequence) to an NHWC tensor through its channels-last view."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _pixel_shuffle_nhwc(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, H, W, r*r*C) -> (B, r*H, r*W, C), channel (p1*r + p2)*C + c to pixel (r*h + p1, r*w + p2).
+
+    This is einops ``b h w (p1 p2 c) -> b (h p1) (w p2) c``, not ``nn.PixelShuffle`` (order (c p1 p2)).
+    """
+    b, h, w, c = x.shape
+    c //= r * r
+    return x.view(b, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c)
+
+
+class Stem(nn.Module):
+    """Two-conv stem, image (B, C_in, H, W) -> NHWC (B, H/4, W/4, C): Conv3x3 s2, BN, GELU, Conv3x3 s2, BN."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        mid = out_channels // 2
+        self.conv1 = nn.Conv2d(in_channels, mid, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(mid, out_channels, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return x.permute(0, 2, 3, 1)
+
+
+class ConvDownsample(nn.Module):
+    """Halve the resolution: NHWC (B, H, W, C_in) -> (B, H/2, W/2, C_out) by Conv3x3 stride 2 and BN."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch (B, ...): zero whole samples with probability p, scale by 1/(1-p)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+
+class Mlp(nn.Module):
+    """Per-pixel MLP on (..., C): Linear(C -> hidden), GELU, Linear(hidden -> C)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class BRAUBlock(nn.Module):
+    """BiFormer block in BRAU-Net++'s order, NHWC (B, H, W, C) -> (B, H, W, C).
+
+    ``a = norm1(x); a = a + dwconv3x3(a); a = a + attn(norm1(a)); a = a + mlp(norm2(a))``: the input
+    itself is not added back (the official block keeps a shortcut it never uses) and ``norm1`` runs twice.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        n_win: int,
+        topk: int,
+        mlp_ratio: float = 3.0,
+        drop_path: float = 0.0,
+        kv_chunk_bytes: int | None = DEFAULT_KV_CHUNK_BYTES,
+    ):
+        super().__init__()
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = BiLevelRoutingAttention(dim, num_heads, n_win, topk, kv_chunk_bytes=kv_chunk_bytes)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x)
+        x = x + _conv_nhwc(self.pos_embed, x)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SCCSA(nn.Module):
+    """Skip-connection channel-spatial attention, NHWC (B, H, W, C) -> (B, H, W, C).
+
+    ``x1 = x * mlp(x)`` (per-pixel MLP C -> C/r -> C, no sigmoid), then
+    ``y = x1 * sigmoid(BN(Conv7x7(ReLU(BN(Conv7x7(x1))))))`` with C -> C/r -> C channels.
+    """
+
+    def __init__(self, channels: int, rate: int = 4):
+        super().__init__()
+        mid = channels // rate
+        self.channel_fc1 = nn.Linear(channels, mid)
+        self.channel_fc2 = nn.Linear(mid, channels)
+        self.spatial_conv1 = nn.Conv2d(channels, mid, 7, padding=3)
+        self.spatial_bn1 = nn.BatchNorm2d(mid)
+        self.spatial_conv2 = nn.Conv2d(mid, channels, 7, padding=3)
+        self.spatial_bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.channel_fc2(F.relu(self.channel_fc1(x)))
+        s = F.relu(self.spatial_bn1(self.spatial_conv1(x.permute(0, 3, 1, 2))))
+        s = self.spatial_bn2(self.spatial_conv2(s))
+        return x * torch.sigmoid(s).permute(0, 2, 3, 1)
+
+
+class PatchExpand(nn.Module):
+    """Double the resolution, halve the width: NHWC (B, H, W, C) -> (B, 2H, 2W, C/2).
+
+    Linear(C -> 2C, no bias), 2x2 pixel shuffle (channel order (p1 p2 c)), LayerNorm(C/2, eps 1e-5).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.expand = nn.Linear(dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(dim // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_pixel_shuffle_nhwc(self.expand(x), 2))
+
+
+class FinalPatchExpandX4(nn.Module):
+    """Quadruple the resolution, keep the width: NHWC (B, H, W, C) -> (B, 4H, 4W, C).
+
+    Linear(C -> 16C, no bias), 4x4 pixel shuffle (channel order (p1 p2 c)), LayerNorm(C, eps 1e-5).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.expand = nn.Linear(dim, 16 * dim, bias=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_pixel_shuffle_nhwc(self.expand(x), 4))
+
+
+class EncoderLevel(nn.Module):
+    """One encoder level: downsampling (the stem at level 0) then BRAU blocks; output NHWC (the skip)."""
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class DecoderLevel(nn.Module):
+    """One decoder level, NHWC: concat(x, skip) -> SCCSA(2C) -> Linear(2C -> C) -> blocks -> PatchExpand.
+
+    ``x`` and ``skip`` are (B, H, W, C); the output is (B, 2H, 2W, C/2), or (B, H, W, C) at level 0.
+    """
+
+    def __init__(self, dim: int, blocks: Sequence[nn.Module], use_sccsa: bool, expand: bool):
+        super().__init__()
+        self.skip_attention = SCCSA(2 * dim) if use_sccsa else nn.Identity()
+        self.skip_fuse = nn.Linear(2 * dim, dim)
+        self.blocks = nn.ModuleList(blocks)
+        self.expand = PatchExpand(dim) if expand else nn.Identity()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.skip_fuse(self.skip_attention(torch.cat([x, skip], dim=-1)))
+        for block in self.blocks:
+            x = block(x)
+        return self.expand(x)
+
+
+class BRAUNetPP(nn.Module):
+    """BRAU-Net++ segmentation network: image (B, in_channels, H, W) -> logits (B, num_classes, H, W).
+
+    H and W must be multiples of 32. A 1-channel image is repeated to 3 channels (as the official
+    wrapper does), so the stem always sees 3 channels unless ``in_channels`` is neither 1 nor 3.
+
+    Args:
+        in_channels: channels of the input image (1 or 3 for BiFormer/official weights).
+        num_classes: output channels (Synapse: 9 including background).
+        n_win: regions per side for bi-level routing attention (Synapse 224: 7; ISIC 256: 8).
+        use_sccsa: SCCSA on the skip connections (the published 50.76M network); False gives 31.40M.
+        embed_dims: widths of levels 0..3 (level 3 is the bottleneck).
+        encoder_depths / decoder_depths: BRAU blocks per level 0..2 (shallow to deep).
+        topks: routed regions per level 0..2.
+        head_dim: channels per attention head (heads = width / head_dim).
+        mlp_ratio: hidden width of the block MLPs relative to the level width.
+        drop_path_rate: stochastic depth; encoder rates rise linearly over the official 14 encoder
+            blocks (including the 2 never-run bottleneck blocks, as the reference), decoder rates
+            over each level's blocks.
+        kv_chunk_bytes: inference memory bound for the gathered keys/values of one attention layer
+            (None: gather all at once).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 9,
+        n_win: int = 7,
+        use_sccsa: bool = True,
+        embed_dims: Sequence[int] = (96, 192, 384, 768),
+        encoder_depths: Sequence[int] = (2, 2, 8),
+        decoder_depths: Sequence[int] = (2, 2, 8),
+        topks: Sequence[int] = (2, 4, 8),
+        head_dim: int = 32,
+        mlp_ratio: float = 3.0,
+        drop_path_rate: float = 0.2,
+        kv_chunk_bytes: int | None = DEFAULT_KV_CHUNK_BYTES,
+    ):
+        super().__init__()
+        if len(embed_dims) != 4 or len(encoder_depths) != 3 or len(decoder_depths) != 3 or len(topks) != 3:
+            raise ValueError("embed_dims needs 4 entries; encoder_depths, decoder_depths and topks need 3")
+        if any(d % head_dim for d in embed_dims[:3]):
+            raise ValueError(f"embed_dims {tuple(embed_dims)} must be multiples of head_dim {head_dim}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.n_win = n_win
+        dims = list(embed_dims)
+        stem_channels = 3 if in_channels == 1 else in_channels
+
+        # The official schedule spans 14 encoder blocks, the last 2 being the never-run bottleneck stage.
+        enc_rates = _linspace(drop_path_rate, sum(encoder_depths) + 2)
+
+        def blocks(level: int, depth: int, rates: list[float]) -> list[BRAUBlock]:
+            return [
+                BRAUBlock(
+                    dims[level], dims[level] // head_dim, n_win, topks[level], mlp_ratio, rates[j], kv_chunk_bytes
+                )
+                for j in range(depth)
+            ]
+
+        levels, cur = [], 0
+        for i in range(3):
+            down = Stem(stem_channels, dims[0]) if i == 0 else ConvDownsample(dims[i - 1], dims[i])
+            levels.append(EncoderLevel(down, blocks(i, encoder_depths[i], enc_rates[cur:])))
+            cur += encoder_depths[i]
+        self.encoder = nn.ModuleList(levels)
+        self.bottleneck = ConvDownsample(dims[2], dims[3])
+        self.bottleneck_expand = PatchExpand(dims[3])
+        self.decoder = nn.ModuleList(
+            DecoderLevel(
+                dims[i],
+                blocks(i, decoder_depths[i], _linspace(drop_path_rate, decoder_depths[i])),
+                use_sccsa,
+                expand=i > 0,
+            )
+            for i in range(3)
+        )
+        self.norm_up = nn.LayerNorm(dims[0])
+        self.final_expand = FinalPatchExpandX4(dims[0])
+        self.head = nn.Conv2d(dims[0], num_classes, 1, bias=False)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"BRAUNetPP expects (B, {self.in_channels}, H, W) images, got shape {tuple(x.shape)}"
+            )
+        if x.shape[2] % 32 or x.shape[3] % 32:
+            raise ValueError(f"BRAUNetPP needs H and W that are multiples of 32, got {tuple(x.shape[2:])}")
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        skips = []
+        for level in self.encoder:
+            x = level(x)
+            skips.append(x)
+        x = self.bottleneck_expand(self.bottleneck(x))
+        for i in (2, 1, 0):
+            x = self.decoder[i](x, skips[i])
+        x = self.final_expand(self.norm_up(x))
+        # The 1x1 head conv as a per-pixel Linear on NHWC; its NCHW view is channels-last memory.
+        return F.linear(x, self.head.weight.flatten(1)).permute(0, 3, 1, 2)
+
+
+def _linspace(end: float, n: int) -> list[float]:
+    """``n`` evenly spaced stochastic-depth rates from 0 to ``end`` (as ``torch.linspace``; works on meta)."""
+    return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The official initialisation: Linear ~ trunc normal (std 0.02), zero bias; LayerNorm 1 / 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official names -> ours. One table of rules, reused by the full-model converter, the BiFormer loader
+# and (through ``official_to_ours_key`` with a submodule kind) the per-submodule fixtures.
+
+_BLOCK_RULES = [
+    (r"attn\.qkv\.qkv\.", "attn.qkv."),
+    (r"attn\.wo\.", "attn.proj."),
+    (r"attn\.lepe\.", "attn.lce."),
+    (r"mlp\.0\.", "mlp.fc1."),
+    (r"mlp\.3\.", "mlp.fc2."),
+]
+_BLOCK_KEEP = re.compile(r"(pos_embed|norm1|norm2)\.")
+_SUBMODULE_RULES: dict[str, list[tuple[str, str]]] = {
+    "bra": [(r"qkv\.qkv\.", "qkv."), (r"wo\.", "proj."), (r"lepe\.", "lce.")],
+    "block": _BLOCK_RULES,
+    "sccsa": [
+        (r"channel_attention\.0\.", "channel_fc1."),
+        (r"channel_attention\.2\.", "channel_fc2."),
+        (r"spatial_attention\.0\.", "spatial_conv1."),
+        (r"spatial_attention\.1\.", "spatial_bn1."),
+        (r"spatial_attention\.3\.", "spatial_conv2."),
+        (r"spatial_attention\.4\.", "spatial_bn2."),
+    ],
+    "stem": [(r"0\.", "conv1."), (r"1\.", "bn1."), (r"3\.", "conv2."), (r"4\.", "bn2.")],
+    "downsample": [(r"0\.", "conv."), (r"1\.", "bn.")],
+    "patch_expand": [(r"(expand|norm)\.", r"\1.")],
+    "final_patch_expand_x4": [(r"(expand|norm)\.", r"\1.")],
+}
+
+
+def _rename(kind: str, key: str) -> str | None:
+    """Rename a key relative to an official submodule of ``kind``; None if no rule matches."""
+    for pattern, repl in _SUBMODULE_RULES[kind]:
+        m = re.match(pattern, key)
+        if m:
+            return m.expand(repl) + key[m.end():]
+    if kind == "block" and _BLOCK_KEEP.match(key):
+        return key
+    return None
+
+
+_UNUSED_OFFICIAL = re.compile(r"stages\.3\.")  # the bottleneck blocks the official forward never runs
+
+
+def official_to_ours_key(key: str, kind: str = "model") -> str | None:
+    """Map one official key (without the ``bra_unet.`` prefix) to ours.
+
+    ``kind`` is ``'model'`` for ``BRAUnetSystem`` keys, or a submodule kind (``'bra'``, ``'block'``,
+    ``'sccsa'``, ``'stem'``, ``'downsample'``, ``'patch_expand'``, ``'final_patch_expand_x4'``) for keys
+    relative to that submodule. Returns None for keys of modules that never run (``stages.3.*``);
+    raises KeyError for keys it does not know.
+    """
+    if kind != "model":
+        out = _rename(kind, key)
+        if out is None:
+            raise KeyError(f"unknown key {key!r} for an official {kind} module")
+        return out
+    if _UNUSED_OFFICIAL.match(key):
+        return None
+    m = re.match(r"downsample_layers\.(\d)\.(.*)", key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        kind_, prefix = {0: ("stem", "encoder.0.downsample."), 3: ("downsample", "bottleneck.")}.get(
+            i, ("downsample", f"encoder.{i}.downsample.")
+        )
+        out = _rename(kind_, rest)
+        if out is not None:
+            return prefix + out
+    m = re.match(r"stages\.([0-2])\.(\d+)\.(.*)", key)
+    if m:
+        out = _rename("block", m.group(3))
+        if out is not None:
+            return f"encoder.{m.group(1)}.blocks.{m.group(2)}.{out}"
+    m = re.match(r"layers_up\.0\.(.*)", key)
+    if m:
+        out = _rename("patch_expand", m.group(1))
+        if out is not None:
+            return "bottleneck_expand." + out
+    m = re.match(r"layers_up\.([1-3])\.blocks\.(\d+)\.(.*)", key)
+    if m:
+        out = _rename("block", m.group(3))
+        if out is not None:
+            return f"decoder.{3 - int(m.group(1))}.blocks.{m.group(2)}.{out}"
+    m = re.match(r"layers_up\.([12])\.upsample\.(.*)", key)
+    if m:
+        out = _rename("patch_expand", m.group(2))
+        if out is not None:
+            return f"decoder.{3 - int(m.group(1))}.expand.{out}"
+    m = re.match(r"sccsa([1-3])\.(.*)", key)
+    if m:
+        out = _rename("sccsa", m.group(2))
+        if out is not None:
+            return f"decoder.{int(m.group(1)) - 1}.skip_attention.{out}"
+    m = re.match(r"concat_back_dim\.([1-3])\.(weight|bias)$", key)
+    if m:
+        return f"decoder.{3 - int(m.group(1))}.skip_fuse.{m.group(2)}"
+    m = re.match(r"(norm_up\.(?:weight|bias))$", key)
+    if m:
+        return m.group(1)
+    m = re.match(r"up4\.(.*)", key)
+    if m:
+        out = _rename("final_patch_expand_x4", m.group(1))
+        if out is not None:
+            return "final_expand." + out
+    if re.match(r"output\.weight$", key):
+        return "head.weight"
+    raise KeyError(f"unknown official BRAU-Net++ key {key!r}")
+
+
+def _strip_prefixes(key: str, prefixes: Sequence[str]) -> str:
+    """Remove any of ``prefixes`` from the front of ``key``, repeatedly (e.g. ``module.bra_unet.``)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def convert_official_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official BRAU-Net++ state dict (``BRAUnet`` wrapper keys ``bra_unet.*``) -> ours.
+
+    Also accepts ``BRAUnetSystem`` keys without the prefix and a DataParallel ``module.`` prefix.
+    Drops the weights of the never-run bottleneck stage (``stages.3.*``). Raises ValueError naming
+    every key it does not recognise.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        try:
+            new = official_to_ours_key(_strip_prefixes(key, ("module.", "bra_unet.")))
+        except KeyError:
+            unknown.append(key)
+            continue
+        if new is not None:
+            if new in out:
+                raise ValueError(f"official keys map twice onto {new!r} (e.g. {key!r})")
+            out[new] = value
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 10 else "")
+        raise ValueError(f"not an official BRAU-Net++ state dict: unknown keys {shown}")
+    return out
+
+
+def _read_state_dict(path: str | os.PathLike, containers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint with ``weights_only=True`` and return its state dict (first container found)."""
+    if not os.path.isfile(path):
+        raise InputDataError(path, "checkpoint file does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad input file
+        raise InputDataError(path, f"cannot be read as a weights-only torch checkpoint ({err})") from err
+    for name in containers:
+        if isinstance(obj, Mapping) and isinstance(obj.get(name), Mapping):
+            obj = obj[name]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputDataError(path, "does not hold a state dict (a mapping from names to tensors)")
+    return dict(obj)
+
+
+def load_official_checkpoint(model: BRAUNetPP, path: str | os.PathLike) -> None:
+    """Load an official BRAU-Net++ checkpoint file (e.g. the authors' Synapse weights) into ``model``.
+
+    Strict: every weight of ``model`` must be present with the right shape, otherwise InputDataError.
+    """
+    sd = _read_state_dict(path, ("state_dict", "model"))
+    try:
+        converted = convert_official_state_dict(sd)
+        model.load_state_dict(converted, strict=True)
+    except (ValueError, RuntimeError) as err:
+        raise InputDataError(path, f"does not fit this BRAU-Net++ configuration: {err}") from err
+
+
+@dataclass
+class BiFormerLoadReport:
+    """What ``load_biformer_weights`` did: our keys loaded, checkpoint keys skipped, our keys left at init."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why
+    left_at_init: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line with the three counts."""
+        return (
+            f"BiFormer weights: {len(self.loaded)} tensors loaded, {len(self.skipped)} checkpoint "
+            f"entries skipped, {len(self.left_at_init)} model tensors left at initialisation"
+        )
+
+
+def load_biformer_weights(model: BRAUNetPP, path: str | os.PathLike) -> BiFormerLoadReport:
+    """Load BiFormer ImageNet weights (``biformer_base_best.pth`` layout) into the encoder.
+
+    The checkpoint is a dict whose ``model`` entry holds ``downsample_layers.{0..3}.*``,
+    ``stages.{0..3}.{j}.*`` (BiFormer-base depths 4, 4, 18, 4), ``norm.*`` and ``head.*``. As the
+    official loader does, every entry whose name exists in the encoder with the same shape is loaded
+    (stem, downsampling layers including the bottleneck one, the first encoder_depths[i] blocks of
+    stages 0-2); the rest is skipped and the decoder and SCCSA keep their initialisation.
+    """
+    sd = _read_state_dict(path, ("model", "state_dict"))
+    own = model.state_dict()
+    report = BiFormerLoadReport()
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        bare = _strip_prefixes(key, ("module.",)).replace("_checkpoint_wrapped_module.", "")
+        if not bare.startswith(("downsample_layers.", "stages.")):
+            report.skipped[key] = "not part of the encoder"
+            continue
+        try:
+            ours = official_to_ours_key(bare)
+        except KeyError:
+            ours = None
+        if ours is None:
+            report.skipped[key] = "no counterpart (bottleneck-stage block or unknown name)"
+        elif ours not in own:
+            report.skipped[key] = f"{ours} does not exist in this model (deeper than its encoder)"
+        elif own[ours].shape != value.shape:
+            report.skipped[key] = f"shape {tuple(value.shape)} != model {tuple(own[ours].shape)} of {ours}"
+        else:
+            to_load[ours] = value
+    if not to_load:
+        raise InputDataError(path, "no BiFormer encoder weights in this file match BRAU-Net++")
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    report.left_at_init = [k for k in own if k not in to_load]
+    return report

@@ -1,0 +1,411 @@
+"""CFFormer: ResNet34 and Swin-V2 encoders exchanging features at four stages (CFCA + XFF), U-Net decoder.
+
+Built as published (the authors' code, see ``shared/spec/cfformer.md``): at every stage k the two
+branches run side by side, CFCA swaps channel information between them, both fused tensors feed the
+next stage of their own branch, and XFF fuses them spatially into the decoder's skip k (with the
+transformer's channel count). Tensors are NCHW except inside the Swin stages (NHWC).
+
+Variants: ``s`` = ResNet34 + Swin-V2-T, ``b`` (default) = ResNet34 + Swin-V2-S, ``l`` = ResNet34 + Swin-V2-B.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridseg.networks.resnet import ResNet34Features, resnet34_state_dict_from_torchvision
+from hybridseg.networks.resnet import load_weights_file as _load_weights_file
+from hybridseg.networks.swin_v2 import (
+    SwinV2Features,
+    equal_constant,
+    relative_coords_table,
+    relative_position_index,
+    swin_v2_state_dict_from_torchvision,
+)
+
+log = logging.getLogger(__name__)
+
+VARIANTS: dict[str, str] = {"s": "swin_v2_t", "b": "swin_v2_s", "l": "swin_v2_b"}
+CNN_CHANNELS = (64, 128, 256, 512)
+STEM_CHANNELS = 64
+# Input sides must be multiples of the deepest stride so both branches meet at equal sizes.
+SIZE_MULTIPLE = 32
+
+
+class SqueezeExcite(nn.Module):
+    """SE gates without shortcut: (B, C, H, W) -> spatial mean -> Linear-ReLU-Linear -> sigmoid -> (B, C)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C) gates in (0, 1)."""
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+
+
+class CFCA(nn.Module):
+    """Cross feature channel attention between a transformer (B, Ct, H, W) and a CNN (B, Cc, H, W) tensor.
+
+    ``attn = s_cnn s_trans^T`` (B, Cc, Ct) is the outer product of the two SE gate vectors (no scaling);
+    ``out1 = softmax(attn, over Ct) @ trans`` goes to the CNN side (B, Cc, H, W) and
+    ``out2 = softmax(attn, over Cc)^T @ cnn`` to the transformer side (B, Ct, H, W).
+    """
+
+    def __init__(self, trans_channels: int, cnn_channels: int) -> None:
+        super().__init__()
+        self.se_trans = SqueezeExcite(trans_channels, cnn_channels)
+        self.se_cnn = SqueezeExcite(cnn_channels, trans_channels)
+
+    def attention(self, trans: torch.Tensor, cnn: torch.Tensor) -> torch.Tensor:
+        """Attention logits (B, Cc, Ct): ``attn[b, i, j] = s_cnn[b, i] * s_trans[b, j]``."""
+        return self.se_cnn(cnn).unsqueeze(2) * self.se_trans(trans).unsqueeze(1)
+
+    def forward(self, trans: torch.Tensor, cnn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(trans (B, Ct, H, W), cnn (B, Cc, H, W)) -> (out1 (B, Cc, H, W), out2 (B, Ct, H, W))."""
+        b, ct, h, w = trans.shape
+        cc = cnn.shape[1]
+        attn = self.attention(trans, cnn)
+        a1 = torch.softmax(attn, dim=2)
+        a2 = torch.softmax(attn, dim=1)
+        # Mixing channels is a batched matmul over the flattened spatial axis; flatten(2) is a view for
+        # both NCHW and channels_last strides.
+        out1 = torch.bmm(a1.to(trans.dtype), trans.flatten(2)).view(b, cc, h, w)
+        out2 = torch.bmm(a2.transpose(1, 2).to(cnn.dtype), cnn.flatten(2)).view(b, ct, h, w)
+        return out1, out2
+
+
+class XFF(nn.Module):
+    """X-spatial feature fusion: plain biased convs, no norm or activation.
+
+    ``cnn_f = cnn + Conv3x3(trans)``, ``trans_f = trans + Conv5x5(cnn)``,
+    ``out = Conv3x3(cat[cnn_f, trans_f])``; (trans (B, Ct, H, W), cnn (B, Cc, H, W)) -> (B, C_out, H, W).
+    """
+
+    def __init__(self, trans_channels: int, cnn_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.trans_conv = nn.Conv2d(trans_channels, cnn_channels, kernel_size=3, padding=1)
+        self.cnn_conv = nn.Conv2d(cnn_channels, trans_channels, kernel_size=5, padding=2)
+        self.out_conv = nn.Conv2d(cnn_channels + trans_channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, trans: torch.Tensor, cnn: torch.Tensor) -> torch.Tensor:
+        """(B, Ct, H, W), (B, Cc, H, W) -> (B, C_out, H, W); the CNN part comes first in the concat."""
+        cnn_f = cnn + self.trans_conv(trans)
+        trans_f = trans + self.cnn_conv(cnn)
+        return self.out_conv(torch.cat([cnn_f, trans_f], dim=1))
+
+
+def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
+    """[Conv3x3 (bias, padding 1), BatchNorm, ReLU] as three layers."""
+    return [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+
+
+class DecoderBlock(nn.Sequential):
+    """(Conv3x3, BN, ReLU) x 2, ConvT 2x2/2: (B, in, H, W) -> (B, out, 2H, 2W)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            *conv_bn_relu(in_channels, in_channels),
+            *conv_bn_relu(in_channels, out_channels),
+            nn.ConvTranspose2d(out_channels, out_channels, kernel_size=2, stride=2),
+        )
+
+
+class SegmentationHead(nn.Sequential):
+    """(Conv3x3, BN, ReLU) x 2, then Conv1x1 to raw class logits: (B, C, H, W) -> (B, num_classes, H, W)."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__(
+            *conv_bn_relu(channels, channels),
+            *conv_bn_relu(channels, channels),
+            nn.Conv2d(channels, num_classes, kernel_size=1),
+        )
+
+
+class CFFormerDecoder(nn.Module):
+    """U-Net decoder: skips (64, H/2), (C1, H/4), (C2, H/8), (C3, H/16), (C4, H/32) -> (B, 64, H, W).
+
+    Each step concatenates the skip FIRST and the upsampled tensor second.
+    """
+
+    def __init__(self, channels: tuple[int, int, int, int, int]) -> None:
+        super().__init__()
+        c0, c1, c2, c3, c4 = channels
+        self.upconv5 = DecoderBlock(c4, c3)
+        self.upconv4 = DecoderBlock(2 * c3, c2)
+        self.upconv3 = DecoderBlock(2 * c2, c1)
+        self.upconv2 = DecoderBlock(2 * c1, c0)
+        self.upconv1 = DecoderBlock(2 * c0, c0)
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """[skip0 .. skip4] (NCHW) -> (B, 64, H, W) features at the input resolution."""
+        s0, s1, s2, s3, s4 = skips
+        up = self.upconv5(s4)
+        up = self.upconv4(torch.cat([s3, up], dim=1))
+        up = self.upconv3(torch.cat([s2, up], dim=1))
+        up = self.upconv2(torch.cat([s1, up], dim=1))
+        return self.upconv1(torch.cat([s0, up], dim=1))
+
+
+class CFFormerEncoder(nn.Module):
+    """The two backbones with CFCA and XFF at the four stages: (B, C_in, H, W) -> five NCHW skips.
+
+    Skips: (64, H/2) from the ResNet stem, then (Ct_k, H/2^(k+1)) from XFF_k for k = 1..4.
+    """
+
+    def __init__(self, swin_name: str, in_channels: int, stochastic_depth_prob: float | None = None) -> None:
+        super().__init__()
+        self.cnn = ResNet34Features(in_channels)
+        self.transformer = SwinV2Features(swin_name, in_channels, stochastic_depth_prob)
+        for k, (ct, cc) in enumerate(zip(self.transformer.channels, CNN_CHANNELS, strict=True), start=1):
+            self.add_module(f"cfca{k}", CFCA(ct, cc))
+            self.add_module(f"xff{k}", XFF(ct, cc, ct))
+
+    @property
+    def skip_channels(self) -> tuple[int, int, int, int, int]:
+        """Channels of skip0..skip4."""
+        c1, c2, c3, c4 = self.transformer.channels
+        return (STEM_CHANNELS, c1, c2, c3, c4)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C_in, H, W) -> [skip0, skip1, skip2, skip3, skip4]."""
+        cnn, feats = self.cnn, self.transformer.features
+        skips = [cnn.stem(x)]
+        cnn_in = cnn.maxpool(skips[0])
+        trans_in = x  # the Swin branch starts from the raw image (patch embedding)
+        fusions = [
+            (self.cfca1, self.xff1),
+            (self.cfca2, self.xff2),
+            (self.cfca3, self.xff3),
+            (self.cfca4, self.xff4),
+        ]
+        for k, (stage, (cfca, xff)) in enumerate(zip(cnn.stages(), fusions, strict=True)):
+            c = stage(cnn_in)
+            t = feats[2 * k + 1](feats[2 * k](trans_in)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
+            to_cnn, to_trans = cfca(t, c)
+            cnn_in = c + to_cnn  # both fused streams feed the next stage of their own branch
+            t_fused = t + to_trans
+            skips.append(xff(t_fused, cnn_in))
+            trans_in = t_fused.permute(0, 2, 3, 1)
+        return skips
+
+
+def reference_init_(module: nn.Module) -> None:
+    """The reference's fresh-network init (decoder, head, CFCA): Linear trunc-normal(0.02), conv He-normal."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class CFFormer(nn.Module):
+    """CFFormer segmentation network: (B, in_channels, H, W) -> raw logits (B, num_classes, H, W).
+
+    H and W must be multiples of 32 (Swin pads its maps to the 8x8 window itself). ``variant`` is
+    ``s`` (Swin-V2-T), ``b`` (Swin-V2-S, default) or ``l`` (Swin-V2-B). ``stochastic_depth_prob``
+    overrides the Swin drop-path maximum (0.2 / 0.3 / 0.5 by default). Fresh weights follow the
+    reference: torchvision's init for the backbones, trunc-normal/He-normal for CFCA, decoder and
+    head, PyTorch defaults for XFF. ImageNet backbones: ``load_imagenet_weights``.
+    """
+
+    def __init__(
+        self,
+        variant: str = "b",
+        in_channels: int = 3,
+        num_classes: int = 1,
+        stochastic_depth_prob: float | None = None,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown CFFormer variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        if in_channels < 1 or num_classes < 1:
+            raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+        self.variant, self.in_channels, self.num_classes = variant, in_channels, num_classes
+        self.encoder = CFFormerEncoder(VARIANTS[variant], in_channels, stochastic_depth_prob)
+        self.decoder = CFFormerDecoder(self.encoder.skip_channels)
+        self.head = SegmentationHead(STEM_CHANNELS, num_classes)
+        for module in (self.decoder, self.head, *(getattr(self.encoder, f"cfca{k}") for k in range(1, 5))):
+            reference_init_(module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> (B, num_classes, H, W) raw logits (no sigmoid/softmax)."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"CFFormer expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
+        if x.shape[2] % SIZE_MULTIPLE or x.shape[3] % SIZE_MULTIPLE:
+            raise ValueError(
+                f"CFFormer needs H and W that are multiples of {SIZE_MULTIPLE}, got {tuple(x.shape[2:])}"
+            )
+        return self.head(self.decoder(self.encoder(x)))
+
+
+# --- reference (U-Bench / authors' code) state dicts -------------------------------------------------
+
+# Duplicate registrations of the backbones in the reference; each maps to the tensor's first name.
+_ALIAS_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^encoder\.cnn_layer0\.0\.(.+)$"), r"encoder.cnn.conv1.\1"),
+    (re.compile(r"^encoder\.cnn_layer0\.1\.(.+)$"), r"encoder.cnn.bn1.\1"),
+    (re.compile(r"^encoder\.cnn_layer1\.1\.(.+)$"), r"encoder.cnn.layer1.\1"),
+    (re.compile(r"^encoder\.cnn_layer([234])\.(.+)$"), r"encoder.cnn.layer\1.\2"),
+)
+_SWIN_ALIAS = re.compile(r"^encoder\.transformer_layer([1-4])\.([01])\.(.+)$")
+# Registered but never run by the reference's forward: ResNet classifier, Swin final norm and head.
+_UNUSED_PREFIXES = ("encoder.cnn.fc.", "encoder.transformer.norm.", "encoder.transformer.head.")
+_RENAME_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^encoder\.cnn\.(.+)$"), r"encoder.cnn.\1"),
+    (re.compile(r"^encoder\.transformer\.features\.(.+)$"), r"encoder.transformer.features.\1"),
+    (
+        re.compile(r"^encoder\.cdca([1-4])\.channel_self_attn1\.linear([12])\.(weight|bias)$"),
+        r"encoder.cfca\1.se_trans.fc\2.\3",
+    ),
+    (
+        re.compile(r"^encoder\.cdca([1-4])\.channel_self_attn2\.linear([12])\.(weight|bias)$"),
+        r"encoder.cfca\1.se_cnn.fc\2.\3",
+    ),
+    (
+        re.compile(r"^encoder\.X_spatial_([1-4])\.(cnn_conv|trans_conv)\.(weight|bias)$"),
+        r"encoder.xff\1.\2.\3",
+    ),
+    (re.compile(r"^encoder\.X_spatial_([1-4])\.out\.(weight|bias)$"), r"encoder.xff\1.out_conv.\2"),
+    (re.compile(r"^decoder\.(upconv[1-5]\..+)$"), r"decoder.\1"),
+    (re.compile(r"^decoder\.out\.(.+)$"), r"head.\1"),
+)
+_STEM_KEYS = ("encoder.cnn.conv1.weight", "encoder.transformer.features.0.0.weight")
+
+
+def reference_seed_name(key: str) -> str | None:
+    """Seed (first) name of a reference alias key such as ``encoder.cnn_layer2.0.conv1.weight``, else None."""
+    for pattern, repl in _ALIAS_RULES:
+        if pattern.match(key):
+            return pattern.sub(repl, key)
+    m = _SWIN_ALIAS.match(key)
+    if m:
+        stage, part, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        return f"encoder.transformer.features.{2 * stage - 2 + part}.{rest}"
+    return None
+
+
+def convert_reference_state_dict(
+    sd: Mapping[str, torch.Tensor], in_channels: int = 3
+) -> dict[str, torch.Tensor]:
+    """Map a state dict of the reference implementation (``CDFormer`` in U-Bench) to ``CFFormer`` keys.
+
+    - alias keys (``encoder.cnn_layer*``, ``encoder.transformer_layer*``) must hold the same tensor as
+      their seed name; they are checked and dropped;
+    - the 6 entries the reference never uses (``fc``, Swin ``norm`` and ``head``) are dropped;
+    - Swin's constant coordinate buffers are checked against ours (computed, not stored) and dropped;
+    - CFCA/XFF/head modules are renamed; for ``in_channels=1`` both 3-channel stems are summed over
+      their input channels (exactly the network fed a gray image repeated to three channels).
+
+    Raises ``ValueError`` naming every key it cannot place or that is inconsistent.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown, bad_alias, bad_const = [], [], []
+    constants = {
+        "relative_coords_table": relative_coords_table(),
+        "relative_position_index": relative_position_index(),
+    }
+    for key, value in sd.items():
+        seed = reference_seed_name(key)
+        if seed is not None:
+            if seed not in sd:
+                bad_alias.append(f"{key} (its seed {seed} is absent)")
+            elif sd[seed].shape != value.shape or not torch.equal(sd[seed], value):
+                bad_alias.append(f"{key} (differs from {seed})")
+            continue
+        if key.startswith(_UNUSED_PREFIXES):
+            continue
+        kind = key.rsplit(".", 1)[-1]
+        if kind in constants:  # Swin's coordinate buffers: computed by us, so only checked
+            if not equal_constant(value, constants[kind]):
+                bad_const.append(key)
+            continue
+        for pattern, repl in _RENAME_RULES:
+            if pattern.match(key):
+                out[pattern.sub(repl, key)] = value
+                break
+        else:
+            unknown.append(key)
+    problems = []
+    if unknown:
+        problems.append(
+            f"keys not in the reference CFFormer layout: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
+        )
+    if bad_alias:
+        problems.append(f"alias keys inconsistent with their seed: {bad_alias[:20]}")
+    if bad_const:
+        problems.append(f"Swin constant buffers differ from a window-8 Swin-V2: {bad_const[:20]}")
+    if problems:
+        raise ValueError("cannot convert the reference state dict: " + "; ".join(problems))
+    if in_channels != 3:
+        for key in _STEM_KEYS:
+            if key in out:
+                if in_channels != 1:
+                    msg = f"reference stems are 3-channel; in_channels must be 3 or 1, not {in_channels}"
+                    raise ValueError(msg)
+                out[key] = out[key].sum(dim=1, keepdim=True)
+    return out
+
+
+# --- ImageNet backbones (torchvision checkpoints) ----------------------------------------------------
+
+
+def load_imagenet_weights(
+    model: CFFormer,
+    resnet34: str | os.PathLike | None = None,
+    swin: str | os.PathLike | None = None,
+) -> dict[str, dict[str, object]]:
+    """Load torchvision ImageNet checkpoints into the backbones of ``model`` (all-or-nothing).
+
+    ``resnet34`` is a torchvision ``resnet34`` state dict file and ``swin`` the ``swin_v2_{t,s,b}`` file
+    matching the variant (t for ``s``, s for ``b``, b for ``l``). Files are read with
+    ``torch.load(weights_only=True)``; both are checked before either is loaded, and a wrong or
+    mismatched file raises ``InputDataError`` naming it and listing the offending keys. For a 1-channel
+    model the RGB stem kernels are summed. Returns, per loaded backbone, the path, the number of
+    tensors loaded and the checkpoint keys ignored (classifier, constants).
+    """
+    enc = model.encoder
+    staged = []
+    if resnet34 is not None:
+        sd = _load_weights_file(resnet34)
+        staged.append(
+            ("resnet34", resnet34, enc.cnn, sd, resnet34_state_dict_from_torchvision(sd, enc.cnn, resnet34))
+        )
+    if swin is not None:
+        sd = _load_weights_file(swin)
+        staged.append(
+            (
+                enc.transformer.name,
+                swin,
+                enc.transformer,
+                sd,
+                swin_v2_state_dict_from_torchvision(sd, enc.transformer, swin),
+            )
+        )
+    report: dict[str, dict[str, object]] = {}
+    for name, path, module, raw, converted in staged:
+        module.load_state_dict(converted, strict=True)
+        ignored = sorted(k for k in raw if k not in converted)
+        report[name] = {"path": str(path), "loaded": len(converted), "ignored": ignored}
+        log.info(
+            "loaded %s ImageNet weights from %s (%d tensors, %d ignored)",
+            name,
+            path,
+            len(converted),
+            len(ignored),
+        )
+    return report

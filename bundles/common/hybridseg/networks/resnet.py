@@ -1,0 +1,224 @@
+"""ResNet34 feature extractor with torchvision's parameter names (no classifier), and its ImageNet loader.
+
+Layout is NCHW throughout. The stem (``conv1 -> bn1 -> relu``) gives 64 channels at 1/2 resolution,
+``maxpool + layer1`` 64 at 1/4, then ``layer2..4`` 128/256/512 at 1/8, 1/16, 1/32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hybridseg.io import InputDataError
+
+RESNET34_LAYERS = (3, 4, 6, 3)
+RESNET34_CHANNELS = (64, 128, 256, 512)
+# torchvision's checkpoint has an ImageNet classifier that the feature extractor does not register.
+TORCHVISION_RESNET_IGNORED = ("fc.weight", "fc.bias")
+
+
+# How many offending keys an error message lists per category (a wrong variant can mismatch hundreds).
+MAX_LISTED_KEYS = 40
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict (name -> tensor) with ``torch.load(weights_only=True)``; else InputDataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(path, "weights file does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling/zip failure means the file is not a usable checkpoint
+        raise InputDataError(
+            path, f"cannot be read as a torch state dict ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(obj, Mapping) or not obj:
+        raise InputDataError(
+            path, f"expected a non-empty state dict (name -> tensor), found {type(obj).__name__}"
+        )
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise InputDataError(path, f"not a plain state dict; entries that are not tensors: {_listing(bad)}")
+    return dict(obj)
+
+
+def _listing(keys: list[str]) -> str:
+    """Comma-separated key list, cut after MAX_LISTED_KEYS with a count of the rest."""
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    rest = len(keys) - MAX_LISTED_KEYS
+    return f"{shown}, ... and {rest} more" if rest > 0 else shown
+
+
+def check_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    source: str | os.PathLike | None,
+    what: str,
+) -> None:
+    """Raise InputDataError naming ``source`` when ``sd`` lacks, adds or misshapes keys of ``expected``."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshapen = [
+        f"{k} {list(sd[k].shape)} (expected {list(expected[k].shape)})"
+        for k in expected
+        if k in sd and sd[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+    if misshapen:
+        problems.append(f"{len(misshapen)} keys with the wrong shape: {_listing(misshapen)}")
+    if problems:
+        raise InputDataError(source, f"does not match {what}; " + "; ".join(problems))
+
+
+def stem_weight_for_channels(
+    weight: torch.Tensor, in_channels: int, key: str, source: str | os.PathLike | None
+) -> torch.Tensor:
+    """Adapt a pretrained stem conv weight (out, 3, k, k) to ``in_channels``.
+
+    For one channel the RGB kernels are summed: conv(sum_c W_c, g) == conv(W, [g, g, g]), i.e. exactly
+    the network fed the gray image repeated to three channels. Other channel counts have no faithful
+    mapping and are refused.
+    """
+    if weight.ndim != 4 or weight.shape[1] == in_channels:
+        return weight  # nothing to adapt (a wrong rank is reported by the shape check)
+    if weight.shape[1] == 3 and in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    raise InputDataError(
+        source,
+        f"{key} has {weight.shape[1]} input channels and the model {in_channels}; only 3 -> 1 "
+        "(summing the RGB kernels) can be adapted",
+    )
+
+
+def fill_missing_bn_counters(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Add ``num_batches_tracked`` entries that old checkpoints lack (they are not read in eval)."""
+    for k, v in expected.items():
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros_like(v, device="cpu")
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1 and no bias (BatchNorm follows)."""
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block on NCHW: conv3x3-BN-ReLU-conv3x3-BN, plus identity (or 1x1 projection), ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_ch, out_ch, stride)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(out_ch, out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            # torchvision puts the stride on the first 3x3 and projects the identity with a strided 1x1.
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_ch, H, W) -> (B, out_ch, H/stride, W/stride)."""
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+def make_stage(in_ch: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
+    """One ResNet stage: ``blocks`` BasicBlocks, the first one strided (keys ``0..blocks-1``)."""
+    layers = [BasicBlock(in_ch, out_ch, stride)]
+    layers += [BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class ResNet34Features(nn.Module):
+    """ResNet34 without ``avgpool``/``fc``; names equal torchvision's (``conv1``, ``layer1.0.conv1``...).
+
+    ``forward`` returns the five NCHW feature maps ``[stem, layer1, layer2, layer3, layer4]``; the
+    stages can also be called one by one (``stem``, ``maxpool`` + ``layer1``, ``layer2``...).
+    """
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        self.in_channels = in_channels
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        prev = 64
+        for i, (blocks, ch) in enumerate(zip(RESNET34_LAYERS, RESNET34_CHANNELS, strict=True)):
+            self.add_module(f"layer{i + 1}", make_stage(prev, ch, blocks, stride=1 if i == 0 else 2))
+            prev = ch
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchvision's initialisation: He-normal (fan_out) convolutions, BatchNorm weight 1 and bias 0."""
+        if self.conv1.weight.is_meta:
+            return  # shape-only model (parameter counting); random init on meta is slow and pointless
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 (7x7, stride 2) -> bn1 -> relu: (B, C_in, H, W) -> (B, 64, H/2, W/2)."""
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def stages(self) -> list[nn.Module]:
+        """The four residual stages ``[layer1, layer2, layer3, layer4]``."""
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C_in, H, W) -> [stem (64, H/2), layer1 (64, H/4), layer2 (128, H/8), ... (512, H/32)]."""
+        feats = [self.stem(x)]
+        y = self.maxpool(feats[0])
+        for stage in self.stages():
+            y = stage(y)
+            feats.append(y)
+        return feats
+
+
+def resnet34_state_dict_from_torchvision(
+    sd: Mapping[str, torch.Tensor], model: ResNet34Features, source: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
+    """Check a torchvision ``resnet34`` state dict against ``model``; adapt it (drop ``fc``, stem channels).
+
+    A 3-channel ``conv1`` is summed over its input channels for a 1-channel model, which is exactly
+    equivalent to feeding the gray image repeated to three channels. Raises ``InputDataError`` naming
+    ``source`` and listing missing, unexpected and misshapen keys.
+    """
+    out = {k: v for k, v in sd.items() if k not in TORCHVISION_RESNET_IGNORED}
+    if "conv1.weight" in out:
+        out["conv1.weight"] = stem_weight_for_channels(
+            out["conv1.weight"], model.in_channels, "conv1.weight", source
+        )
+    expected = model.state_dict()
+    fill_missing_bn_counters(out, expected)
+    check_state_dict(out, expected, source, what="a torchvision resnet34 state dict")
+    return out
+
+
+def load_resnet34_imagenet(model: ResNet34Features, path: str | os.PathLike) -> list[str]:
+    """Load torchvision-format ``resnet34`` ImageNet weights from ``path`` into ``model``.
+
+    Returns the checkpoint keys that were deliberately ignored (the classifier ``fc.*``).
+    """
+    sd = load_weights_file(path)
+    converted = resnet34_state_dict_from_torchvision(sd, model, path)
+    model.load_state_dict(converted, strict=True)
+    return sorted(k for k in sd if k in TORCHVISION_RESNET_IGNORED)

@@ -1,0 +1,399 @@
+"""Swin Transformer V2 (T/S/B) feature stages with torchvision's parameter layout, and its ImageNet loader.
+
+Everything inside works on NHWC tensors. ``SwinV2Features.features`` is torchvision's ``features``
+Sequential: ``0`` patch embedding, odd indices the block stages, ``2/4/6`` patch merging; the final
+norm, pooling and classifier are not registered (they never run in a feature extractor).
+
+Numerics follow torchvision's ``ShiftedWindowAttentionV2`` exactly: zero padding to a multiple of
+the window (padded tokens are NOT masked; they take part as keys), the shift switched off on an axis
+whose padded size fits in one window, cyclic shift by ``-shift``, cosine attention scaled by
+``exp(min(logit_scale, ln 100))``, the continuous position bias ``16 * sigmoid(cpb_mlp(table))``, the
+-100 mask between shift regions, and the k third of the qkv bias held at zero in the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridseg.io import InputDataError
+from hybridseg.networks.resnet import (
+    check_state_dict,
+    load_weights_file,
+    stem_weight_for_channels,
+)
+
+WINDOW = 8
+# Checkpoint keys of torchvision's classifier model that the feature extractor does not register.
+TORCHVISION_SWIN_IGNORED_PREFIXES = ("norm.", "head.")
+
+
+@dataclass(frozen=True)
+class SwinV2Config:
+    """Hyper-parameters of one torchvision Swin-V2 model (patch 4, window 8, MLP ratio 4)."""
+
+    embed_dim: int
+    depths: tuple[int, int, int, int]
+    num_heads: tuple[int, int, int, int]
+    stochastic_depth_prob: float
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of the four stage outputs."""
+        return tuple(self.embed_dim * 2**i for i in range(4))
+
+
+SWIN_V2_CONFIGS: dict[str, SwinV2Config] = {
+    "swin_v2_t": SwinV2Config(96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2),
+    "swin_v2_s": SwinV2Config(96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3),
+    "swin_v2_b": SwinV2Config(128, (2, 2, 18, 2), (4, 8, 16, 32), 0.5),
+}
+
+
+def relative_coords_table(window: int = WINDOW) -> torch.Tensor:
+    """Log-spaced relative coordinates fed to the position-bias MLP: (1, 2w-1, 2w-1, 2) float32."""
+    r = torch.arange(-(window - 1), window, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).unsqueeze(0)
+    table = table / (window - 1) * 8  # normalise to [-8, 8] (same op order as torchvision)
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0
+
+
+def relative_position_index(window: int = WINDOW) -> torch.Tensor:
+    """Index into the (2w-1)^2 bias table for every (query, key) token pair of a window: (w^4,) int64."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).flatten()
+
+
+def shift_region_mask(pad_h: int, pad_w: int, window: int, shift_h: int, shift_w: int) -> torch.Tensor:
+    """Additive mask (num_windows, w*w, w*w): -100 between tokens of different shift regions, else 0.
+
+    Regions are laid out on the padded grid after the cyclic shift, as torchvision does.
+    """
+    region = torch.zeros(pad_h, pad_w)
+    h_bounds = (0, pad_h - window, pad_h - shift_h, pad_h)
+    w_bounds = (0, pad_w - window, pad_w - shift_w, pad_w)
+    count = 0
+    for i in range(3):
+        for j in range(3):
+            region[h_bounds[i] : h_bounds[i + 1], w_bounds[j] : w_bounds[j + 1]] = count
+            count += 1
+    region = region.view(pad_h // window, window, pad_w // window, window).transpose(1, 2)
+    region = region.reshape(-1, window * window)
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return torch.where(diff != 0, -100.0, 0.0)
+
+
+def equal_constant(value: torch.Tensor, const: torch.Tensor) -> bool:
+    """True when a stored constant buffer has the shape and exact values of ours."""
+    return value.shape == const.shape and torch.equal(value.detach().cpu().to(const.dtype), const)
+
+
+class ShiftedWindowAttentionV2(nn.Module):
+    """Swin-V2 (shifted) window cosine self-attention on NHWC: (B, H, W, C) -> (B, H, W, C).
+
+    Parameter names match torchvision (``logit_scale``, ``qkv``, ``proj``, ``cpb_mlp.0``, ``cpb_mlp.2``).
+    The coordinate table and index are non-persistent buffers: fixed functions of the window size.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int = WINDOW, shift: int = 0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.window, self.shift = dim, num_heads, window, shift
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+        )
+        self.register_buffer("relative_coords_table", relative_coords_table(window), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        # Shift masks depend only on the padded size; cached per (device, size), never on parameters.
+        self._mask_cache: dict[tuple[str, int, int, int, int], torch.Tensor] = {}
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """Continuous position bias ``16 * sigmoid(cpb_mlp(table))`` per token pair: (1, heads, N, N)."""
+        n = self.window * self.window
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index].view(n, n, self.num_heads).permute(2, 0, 1)
+        return (16 * torch.sigmoid(bias)).unsqueeze(0)
+
+    def _shift_mask(self, device: torch.device, pad_h: int, pad_w: int, sh: int, sw: int) -> torch.Tensor:
+        """Cached (num_windows, 1, N, N) float32 shift mask for one padded size."""
+        if torch.jit.is_tracing():
+            # Built inside the trace so that its size follows the traced input shape.
+            return shift_region_mask(pad_h, pad_w, self.window, sh, sw).unsqueeze(1).to(device)
+        key = (str(device), pad_h, pad_w, sh, sw)
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            # A normal (not inference-mode) tensor, so a mask cached under inference_mode can be reused
+            # later in training.
+            with torch.inference_mode(False):
+                mask = shift_region_mask(pad_h, pad_w, self.window, sh, sw).unsqueeze(1).to(device)
+            self._mask_cache[key] = mask
+        return mask
+
+    def qkv_bias(self) -> torch.Tensor:
+        """The qkv bias with its k third replaced by zeros (Swin-V2 never uses a key bias)."""
+        b = self.qkv.bias
+        return torch.cat([b[: self.dim], torch.zeros_like(b[self.dim : 2 * self.dim]), b[2 * self.dim :]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C); pads to the window, attends within (shifted) windows, crops back."""
+        b, h, w, c = x.shape
+        ws = self.window
+        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zeros; these tokens are attended to, as in torchvision
+        ph, pw = h + pad_b, w + pad_r
+        # A window covering the whole padded axis makes the shift pointless; torchvision drops it.
+        sh = 0 if ws >= ph else self.shift
+        sw = 0 if ws >= pw else self.shift
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        nwh, nww = ph // ws, pw // ws
+        n = ws * ws
+        # Window partition, row-major over windows: (B*nW, N, C).
+        xw = x.view(b, nwh, ws, nww, ws, c).transpose(2, 3).reshape(b * nwh * nww, n, c)
+
+        hd = c // self.num_heads
+        qkv = F.linear(xw, self.qkv.weight, self.qkv_bias()).view(-1, n, 3, self.num_heads, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        # Cosine attention with the scale folded into q; casts keep q/k/v one dtype under autocast.
+        q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
+        k = F.normalize(k, dim=-1).to(v.dtype)
+
+        mask = self.relative_position_bias()  # (1, heads, N, N)
+        if sh or sw:
+            shift_mask = self._shift_mask(x.device, ph, pw, sh, sw)  # (nW, 1, N, N)
+            mask = (mask + shift_mask).repeat(b, 1, 1, 1)  # windows vary fastest within B*nW
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=1.0)
+        out = out.transpose(1, 2).reshape(-1, n, c)
+        out = self.proj(out)
+
+        # Reverse the partition and the shift, then crop the padding.
+        out = out.view(b, nwh, nww, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+        if sh or sw:
+            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+        if pad_b or pad_r:
+            out = out[:, :h, :w, :]
+        return out
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch per sample with probability ``p`` in training (rescaled by 1/(1-p))."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"stochastic depth probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Any (B, ...) tensor -> same shape; identity in eval or when p == 0."""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        noise = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        return x * noise.bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        """Printed as ``p=...``."""
+        return f"p={self.p}"
+
+
+class SwinMLP(nn.Sequential):
+    """Linear(C -> 4C), exact GELU, Linear(4C -> C) on NHWC; indices 0 and 3 as in torchvision's MLP."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        # torchvision's MLP has Dropout(0) at 2 and 4; Identity keeps the key indices without dead modules.
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Identity(), nn.Linear(hidden, dim))
+
+
+class SwinTransformerBlockV2(nn.Module):
+    """Post-norm Swin-V2 block on NHWC: ``x + sd(norm1(attn(x)))``, then ``x + sd(norm2(mlp(x)))``."""
+
+    def __init__(
+        self, dim: int, num_heads: int, shift: int = 0, drop_path: float = 0.0, window: int = WINDOW
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = ShiftedWindowAttentionV2(dim, num_heads, window, shift)
+        self.stochastic_depth = StochasticDepth(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = SwinMLP(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        x = x + self.stochastic_depth(self.norm1(self.attn(x)))
+        return x + self.stochastic_depth(self.norm2(self.mlp(x)))
+
+
+class PatchMergingV2(nn.Module):
+    """Swin-V2 downsampling on NHWC: zero-pad to even, gather 2x2, Linear(4C -> 2C, no bias), LayerNorm."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim, eps=1e-5)
+
+    @staticmethod
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H/2, W/2, 4C); (row,col) chunks (even,even) (odd,even) (even,odd) (odd,odd)."""
+        h, w = x.shape[1], x.shape[2]
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        return self.norm(self.reduction(self.gather(x)))
+
+
+class Permute(nn.Module):
+    """Reorders tensor dimensions (the NCHW -> NHWC step of the patch embedding)."""
+
+    def __init__(self, dims: tuple[int, ...]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns ``x.permute(dims)`` (a view)."""
+        return x.permute(self.dims)
+
+
+class PatchEmbed(nn.Sequential):
+    """Conv 4x4/4 (C_in -> D), permute to NHWC, LayerNorm(D): (B, C_in, H, W) -> (B, H/4, W/4, D)."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, dim, kernel_size=4, stride=4), Permute((0, 2, 3, 1)), nn.LayerNorm(dim)
+        )
+
+
+class SwinV2Features(nn.Module):
+    """Swin Transformer V2 feature stages (``features.0..7``) without final norm/head; NHWC outputs.
+
+    ``forward`` returns the four stage outputs (B, H/4, W/4, D), (B, H/8, W/8, 2D), ..., (B, H/32, W/32, 8D).
+    ``stage(k)`` gives the modules of stage k (1-based): patch embedding or merging, then the blocks.
+    """
+
+    def __init__(
+        self, name: str = "swin_v2_s", in_channels: int = 3, stochastic_depth_prob: float | None = None
+    ):
+        super().__init__()
+        if name not in SWIN_V2_CONFIGS:
+            raise ValueError(f"unknown Swin-V2 model {name!r}; choose one of {sorted(SWIN_V2_CONFIGS)}")
+        cfg = SWIN_V2_CONFIGS[name]
+        self.name, self.config, self.in_channels = name, cfg, in_channels
+        sd_prob = cfg.stochastic_depth_prob if stochastic_depth_prob is None else stochastic_depth_prob
+        total = sum(cfg.depths)
+        layers: list[nn.Module] = [PatchEmbed(in_channels, cfg.embed_dim)]
+        block_id = 0
+        for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads, strict=True)):
+            dim = cfg.channels[i]
+            if i > 0:
+                layers.append(PatchMergingV2(dim // 2))
+            blocks = []
+            for j in range(depth):
+                # Drop probability rises linearly over all blocks, 0 for the first, sd_prob for the last.
+                p = sd_prob * block_id / (total - 1)
+                blocks.append(
+                    SwinTransformerBlockV2(dim, heads, shift=0 if j % 2 == 0 else WINDOW // 2, drop_path=p)
+                )
+                block_id += 1
+            layers.append(nn.Sequential(*blocks))
+        self.features = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of the four stage outputs."""
+        return self.config.channels
+
+    def reset_parameters(self) -> None:
+        """torchvision's initialisation: every Linear trunc-normal(0.02) with zero bias, logit scale ln 10."""
+        if self.features[0][0].weight.is_meta:
+            return  # shape-only model (parameter counting)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, ShiftedWindowAttentionV2):
+                with torch.no_grad():
+                    m.logit_scale.fill_(math.log(10.0))
+
+    def stage(self, k: int) -> nn.Sequential:
+        """Stage k in 1..4 as one Sequential over NHWC: features[2k-2] (embed/merge) then features[2k-1]."""
+        return nn.Sequential(self.features[2 * k - 2], self.features[2 * k - 1])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C_in, H, W) NCHW image -> four NHWC stage outputs."""
+        outs = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i % 2 == 1:
+                outs.append(x)
+        return outs
+
+
+def swin_v2_state_dict_from_torchvision(
+    sd: Mapping[str, torch.Tensor], model: SwinV2Features, source: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
+    """Check a torchvision ``swin_v2_*`` state dict against ``model`` and adapt it.
+
+    Drops the classifier (``norm.*``, ``head.*``); checks the saved coordinate buffers equal the ones we
+    compute (a different window size would not) and drops them; sums a 3-channel patch-embedding kernel
+    for a 1-channel model. Raises ``InputDataError`` naming ``source`` and listing offending keys.
+    """
+    out: dict[str, torch.Tensor] = {}
+    expected = model.state_dict()
+    buffers = dict(model.named_buffers())
+    constants = {
+        "relative_coords_table": relative_coords_table(),
+        "relative_position_index": relative_position_index(),
+    }
+    bad_constants = []
+    for key, value in sd.items():
+        if key.startswith(TORCHVISION_SWIN_IGNORED_PREFIXES):
+            continue
+        kind = key.rsplit(".", 1)[-1]
+        if kind in constants and key in buffers:
+            if not equal_constant(value, constants[kind]):
+                bad_constants.append(key)
+            continue
+        out[key] = value
+    if bad_constants:
+        raise InputDataError(
+            source,
+            f"constant buffers differ from a window-{WINDOW} Swin-V2 (wrong model?): {bad_constants[:10]}",
+        )
+    key = "features.0.0.weight"
+    if key in out:
+        out[key] = stem_weight_for_channels(out[key], model.in_channels, key, source)
+    check_state_dict(out, expected, source, what=f"a torchvision {model.name} state dict")
+    return out
+
+
+def load_swin_v2_imagenet(model: SwinV2Features, path: str | os.PathLike) -> list[str]:
+    """Load torchvision-format ``swin_v2_{t,s,b}`` ImageNet weights from ``path`` into ``model``.
+
+    Returns the checkpoint keys deliberately ignored (final ``norm.*``/``head.*`` and the constant
+    coordinate buffers, which are verified first).
+    """
+    sd = load_weights_file(path)
+    converted = swin_v2_state_dict_from_torchvision(sd, model, path)
+    model.load_state_dict(converted, strict=True)
+    return sorted(k for k in sd if k not in converted)

@@ -1,0 +1,67 @@
+"""Generated data sets and config helpers shared by the bundle tests (Model Zoo style ConfigWorkflow runs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.reference import REPO_ROOT
+
+BUNDLES = REPO_ROOT / "bundles"
+
+
+def bundle_files(name: str) -> dict[str, str]:
+    configs = BUNDLES / name / "configs"
+    return {
+        "meta_file": str(configs / "metadata.json"),
+        "logging_file": str(configs / "logging.conf"),
+        "train": str(configs / "train.json"),
+        "evaluate": str(configs / "evaluate.json"),
+        "inference": str(configs / "inference.json"),
+    }
+
+
+def run_workflow(workflow_type: str, config_file, meta_file: str, logging_file: str, **overrides):
+    """initialize / check_properties / run / finalize, as the zoo's unit tests do; returns the workflow."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        workflow_type=workflow_type,
+        config_file=config_file,
+        meta_file=meta_file,
+        logging_file=logging_file,
+        **overrides,
+    )
+    wf.initialize()
+    missing = wf.check_properties()
+    assert not missing, f"required properties missing from the config: {missing}"
+    wf.run()
+    wf.finalize()
+    logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers if not isinstance(h, logging.FileHandler)]
+    return wf
+
+
+@pytest.fixture(scope="session")
+def busi_dir(tmp_path_factory) -> Path:
+    """A tiny BUSI-like set (24 images of 96 px) with its datalist, made once per session."""
+    from hybridseg.data.busi import datalist_busi
+    from hybridseg.data.synth_busi import synth_busi
+
+    root = tmp_path_factory.mktemp("busi") / "Dataset_BUSI_with_GT"
+    synth_busi(out=str(root), n=24, size=96, seed=0)
+    datalist_busi(root=str(root), out=str(root / "datalist.json"), seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synapse_dir(tmp_path_factory) -> Path:
+    """Six tiny BTCV-like volumes (64x64x12) with a datalist: 4 training (1 of them validation), 2 test."""
+    from hybridseg.data.synapse import datalist_synapse
+    from hybridseg.data.synth_synapse import synth_synapse
+
+    root = tmp_path_factory.mktemp("synapse") / "Training"
+    synth_synapse(out=str(root), n=6, shape=(64, 64, 32), seed=0)
+    datalist_synapse(root=str(root), out=str(root / "datalist.json"), seed=0, num_val=1)
+    return root

@@ -1,0 +1,142 @@
+"""The braunetpp_synapse bundle run through MONAI's ConfigWorkflow on tiny generated CT volumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tests.bundles.conftest import bundle_files, run_workflow
+
+FILES = bundle_files("braunetpp_synapse")
+# CPU-sized: 64 px slices (n_win 4 divides the 16/8/4 maps), 2 iterations per epoch.
+TINY = {
+    "image_size": [64, 64],
+    "n_win": 4,
+    "slices_per_volume": 2,
+    "volumes_per_batch": 2,
+    "epoch_length": 2,
+    "max_epochs": 1,
+    "val_interval": 1,
+    "num_workers": 0,
+    "sw_batch_size": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(synapse_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("braunetpp_run")
+    common = dict(dataset_dir=str(synapse_dir), ckpt_dir=str(work / "models"), output_dir=str(work / "eval"), **TINY)
+    run_workflow("train", FILES["train"], FILES["meta_file"], FILES["logging_file"], **common)
+    common["output_dir"] = str(work / "test_eval")
+    run_workflow("train", [FILES["train"], FILES["evaluate"]], FILES["meta_file"], FILES["logging_file"], **common)
+    return work
+
+
+def test_training_writes_checkpoints_and_logs(trained):
+    assert (trained / "models" / "model.pt").is_file()
+    last = torch.load(trained / "models" / "checkpoint_last.pt", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(last)
+    assert (trained / "eval" / "train.log").read_text().strip()
+
+
+def test_evaluation_writes_rows_per_case_organ_and_protocol(trained, synapse_dir):
+    datalist = json.loads((synapse_dir / "datalist.json").read_text())
+    cases = {t["case"] for t in datalist["test"]}
+    with open(trained / "test_eval" / "metrics_per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["case"] for r in rows} == cases
+    assert len(rows) == len(cases) * 8 * 2  # 8 organs, paper + physical
+    organs = {r["class_name"] for r in rows}
+    assert "aorta" in organs and "pancreas" in organs
+    for r in rows:
+        if r["protocol"] == "paper":
+            assert r["hd95_unit"] == "voxel" and r["dice"] != "nan" and r["hd95"] != "nan"
+        else:
+            assert r["hd95_unit"] == "mm"
+            if r["status"] != "ok":
+                assert r["hd95"] == "nan"
+    table = (trained / "test_eval" / "summary.md").read_text()
+    assert "| paper |" in table and "| physical |" in table and "aorta" in table
+    assert list((trained / "test_eval" / "overlays").glob("*.png"))
+
+
+def test_inference_writes_label_volume_on_the_input_grid(trained, synapse_dir, tmp_path):
+    src = sorted((synapse_dir / "img").glob("*.nii.gz"))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / src.name).write_bytes(src.read_bytes())
+    out = tmp_path / "out"
+    run_workflow(
+        "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
+        input_dir=str(inputs), output_dir=str(out), ckpt_path=str(trained / "models" / "model.pt"),
+        image_size=[64, 64], n_win=4,
+    )
+    stem = src.name[: -len(".nii.gz")]
+    seg = nib.load(out / f"{stem}_seg.nii.gz")
+    ref = nib.load(src)
+    assert seg.shape == ref.shape
+    np.testing.assert_allclose(seg.affine, ref.affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= set(range(9))
+    sidecar = json.loads((out / f"{stem}_seg.json").read_text())
+    assert sidecar["labels"]["1"] == "aorta"
+
+
+def test_training_on_a_tiny_set_lowers_the_loss(synapse_dir, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(FILES["train"])
+    parser.read_meta(FILES["meta_file"])
+    parser.update({**TINY, "dataset_dir": str(synapse_dir), "ckpt_dir": str(tmp_path / "m"),
+                   "output_dir": str(tmp_path / "e"), "epoch_length": 6, "learning_rate": 0.01})
+    parser["train#handlers"] = parser["train#handlers"][:1]  # just the LR schedule
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network")
+    loss_fn = parser.get_parsed_content("loss")
+    # fixed slices through the training volumes, preprocessed like validation
+    tf = parser.get_parsed_content("validate#preprocessing")
+    vols = [tf(d) for d in parser.get_parsed_content("train#data")]
+    import torch.nn.functional as F
+
+    def mean_loss() -> float:
+        net.eval()
+        losses = []
+        with torch.no_grad():
+            for v in vols:
+                img = v["image"].as_tensor()[..., ::4].permute(3, 0, 1, 2)
+                lab = v["label"].as_tensor()[..., ::4].permute(3, 0, 1, 2)
+                img = F.interpolate(img, size=(64, 64), mode="bicubic")
+                lab = F.interpolate(lab, size=(64, 64), mode="nearest")
+                losses.append(loss_fn(net(img), lab).item())
+        return float(np.mean(losses))
+
+    before = mean_loss()
+    parser.get_parsed_content("train#trainer").run()
+    after = mean_loss()
+    assert after < before, f"loss did not drop: {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        ("2d", "expected a 3D volume"),
+        ("nan", "NaN"),
+    ],
+)
+def test_inference_bad_volume_fails_naming_the_file(trained, tmp_path, make, problem):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    arr = np.zeros((32, 32), np.int16) if make == "2d" else np.full((32, 32, 8), np.nan, np.float32)
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(inputs / "bad.nii.gz"))
+    with pytest.raises(Exception, match=problem) as info:
+        run_workflow(
+            "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
+            input_dir=str(inputs), output_dir=str(tmp_path / "out"),
+            ckpt_path=str(trained / "models" / "model.pt"), image_size=[64, 64], n_win=4,
+        )
+    assert "bad.nii.gz" in str(info.value) or "bad.nii.gz" in str(info.value.__cause__)

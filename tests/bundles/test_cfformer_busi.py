@@ -1,0 +1,147 @@
+"""The cfformer_busi bundle run through MONAI's ConfigWorkflow on tiny generated data: train, evaluate, infer."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.bundles.conftest import bundle_files, run_workflow
+
+FILES = bundle_files("cfformer_busi")
+# CPU-sized settings: smallest variant, 64 px, one epoch of batch 2.
+TINY = {
+    "variant": "s",
+    "image_size": [64, 64],
+    "batch_size": 2,
+    "max_epochs": 1,
+    "warmup_epochs": 0,
+    "num_workers": 0,
+    "amp": True,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(busi_dir, tmp_path_factory):
+    """Train one epoch, then evaluate on the test split; returns the output folders."""
+    work = tmp_path_factory.mktemp("cfformer_run")
+    common = dict(dataset_dir=str(busi_dir), ckpt_dir=str(work / "models"), output_dir=str(work / "eval"), **TINY)
+    run_workflow("train", FILES["train"], FILES["meta_file"], FILES["logging_file"], **common)
+    common["output_dir"] = str(work / "test_eval")
+    run_workflow("train", [FILES["train"], FILES["evaluate"]], FILES["meta_file"], FILES["logging_file"], **common)
+    return work
+
+
+def test_training_writes_best_and_last_checkpoints_and_logs(trained):
+    assert (trained / "models" / "model.pt").is_file()
+    last = torch.load(trained / "models" / "checkpoint_last.pt", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(last)
+    assert (trained / "eval" / "train.log").read_text().strip()
+    assert list((trained / "eval").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_evaluation_writes_one_csv_row_per_test_image_with_metrics_in_range(trained, busi_dir):
+    test_items = json.loads((busi_dir / "datalist.json").read_text())["test"]
+    with open(trained / "test_eval" / "metrics_per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(test_items)
+    assert {r["case"] for r in rows} == {Path(t["image"]).name.rsplit(".", 1)[0] for t in test_items}
+    for r in rows:
+        assert 0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["iou"]) <= 1.0
+        assert r["hd95"] == "nan" and r["status"] != "ok" or float(r["hd95"]) >= 0
+    summary = json.loads((trained / "test_eval" / "summary_busi.json").read_text())
+    assert 0.0 <= summary["over_classes"]["dice"]["mean"] <= 1.0
+    assert list((trained / "test_eval" / "overlays").glob("*_overlay.png"))
+
+
+def test_inference_writes_masks_at_each_input_size(trained, busi_dir, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    # different sizes and both gray and RGB inputs
+    Image.fromarray(np.full((80, 112), 90, np.uint8)).save(inputs / "gray.png")
+    Image.fromarray(np.full((70, 50, 3), 120, np.uint8)).save(inputs / "rgb.png")
+    out = tmp_path / "out"
+    run_workflow(
+        "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
+        input_dir=str(inputs), output_dir=str(out), ckpt_path=str(trained / "models" / "model.pt"),
+        variant="s", image_size=[64, 64],
+    )
+    assert np.asarray(Image.open(out / "gray_mask.png")).shape == (80, 112)
+    assert np.asarray(Image.open(out / "rgb_mask.png")).shape == (70, 50)
+    assert set(np.unique(np.asarray(Image.open(out / "gray_mask.png")))) <= {0, 255}
+    assert (out / "gray_overlay.png").is_file()
+    assert sorted(p.name for p in inputs.iterdir()) == ["gray.png", "rgb.png"], "inputs were touched"
+
+
+@pytest.mark.parametrize(
+    "make_bad, problem",
+    [
+        (lambda d: (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really"), "broken.png"),
+        (lambda d: None, "no input images"),
+    ],
+    ids=["unreadable_png", "empty_folder"],
+)
+def test_inference_bad_input_fails_naming_the_file_and_writes_nothing(trained, tmp_path, make_bad, problem):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(inputs / "good.png")
+    if problem == "no input images":
+        (inputs / "good.png").unlink()
+    make_bad(inputs)
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match=problem):
+        run_workflow(
+            "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
+            input_dir=str(inputs), output_dir=str(out), ckpt_path=str(trained / "models" / "model.pt"),
+            variant="s", image_size=[64, 64],
+        )
+    assert not out.exists() or not any(out.rglob("*")), "partial outputs were written"
+
+
+def test_inference_refuses_3d_nifti_where_2d_is_expected(trained, tmp_path):
+    import nibabel as nib
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), np.float32), np.eye(4)), str(inputs / "vol.nii.gz"))
+    with pytest.raises(Exception, match="expected a 2D image"):
+        run_workflow(
+            "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
+            input_dir=str(inputs), output_dir=str(tmp_path / "out"),
+            ckpt_path=str(trained / "models" / "model.pt"), variant="s", image_size=[64, 64],
+        )
+
+
+def test_one_training_epoch_lowers_the_loss(busi_dir, tmp_path):
+    """Learning, not just running: the loss over the training images drops after one epoch."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(FILES["train"])
+    parser.read_meta(FILES["meta_file"])
+    parser.update({**TINY, "dataset_dir": str(busi_dir), "ckpt_dir": str(tmp_path / "m"),
+                   "output_dir": str(tmp_path / "e"), "learning_rate": 1e-3})
+    parser["train#handlers"] = parser["train#handlers"][:1]  # just the LR schedule: no validation, no files
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network")
+    loss_fn = parser.get_parsed_content("loss")
+    from monai.data import DataLoader, Dataset
+
+    eval_tf = parser.get_parsed_content("validate#preprocessing")
+    data = parser.get_parsed_content("train#data")
+    loader = DataLoader(Dataset(data, eval_tf), batch_size=4)
+
+    def mean_loss() -> float:
+        net.eval()
+        with torch.no_grad():
+            return float(np.mean([loss_fn(net(b["image"]), b["label"]).item() for b in loader]))
+
+    before = mean_loss()
+    parser.get_parsed_content("train#trainer").run()
+    after = mean_loss()
+    assert after < before, f"loss did not drop: {before:.4f} -> {after:.4f}"
