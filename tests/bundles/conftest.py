@@ -65,3 +65,12 @@ def synapse_dir(tmp_path_factory) -> Path:
     synth_synapse(out=str(root), n=6, shape=(64, 64, 32), seed=0)
     datalist_synapse(root=str(root), out=str(root / "datalist.json"), seed=0, num_val=1)
     return root
+
+
+def error_text(exc: BaseException) -> str:
+    """The messages of an exception and of every exception behind it (MONAI's config parser wraps errors)."""
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)

@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-
 from hybridseg.io import InputDataError
 from hybridseg.networks.braunetpp import (
     SCCSA,
@@ -20,6 +19,7 @@ from hybridseg.networks.braunetpp import (
     load_official_checkpoint,
     official_to_ours_key,
 )
+
 from tests.reference import crc32_state_dict, load_fixture, max_abs_diff
 
 SUB_TOL = {"rtol": 2e-5, "atol": 2e-5}
@@ -153,15 +153,18 @@ def test_bf16_autocast_stays_close_to_float32(reference):
 
 
 def _load_sub(module: torch.nn.Module, fx: dict, kind: str) -> torch.nn.Module:
-    module.load_state_dict({official_to_ours_key(k, kind): v for k, v in fx["state_dict"].items()}, strict=True)
+    module.load_state_dict(
+        {official_to_ours_key(k, kind): v for k, v in fx["state_dict"].items()}, strict=True
+    )
     return module.eval()
 
 
 def test_block_matches_reference_step_by_step():
     fx = load_fixture("braunetpp", "biformer_block.pt")
     cfg = fx["config"]
-    block = _load_sub(BRAUBlock(cfg["dim"], cfg["num_heads"], cfg["n_win"], cfg["topk"], cfg["mlp_ratio"]),
-                      fx, "block")
+    block = _load_sub(
+        BRAUBlock(cfg["dim"], cfg["num_heads"], cfg["n_win"], cfg["topk"], cfg["mlp_ratio"]), fx, "block"
+    )
     h, w = cfg["input_resolution"]
     steps: dict[str, list[torch.Tensor]] = {}
     for name in ("norm1", "pos_embed", "attn", "norm2", "mlp"):
@@ -230,11 +233,18 @@ def test_stem_matches_reference():
 
 def test_converter_names_unknown_keys():
     with pytest.raises(ValueError, match="unknown keys bra_unet.extra.weight"):
-        convert_official_state_dict({"bra_unet.norm_up.weight": torch.ones(96), "bra_unet.extra.weight": torch.ones(1)})
+        convert_official_state_dict(
+            {"bra_unet.norm_up.weight": torch.ones(96), "bra_unet.extra.weight": torch.ones(1)}
+        )
 
 
-SMALL = {"embed_dims": [32, 64, 128, 256], "encoder_depths": (1, 1, 2), "decoder_depths": (1, 1, 1),
-         "topks": (1, 2, 2), "n_win": 2}
+SMALL = {
+    "embed_dims": [32, 64, 128, 256],
+    "encoder_depths": (1, 1, 2),
+    "decoder_depths": (1, 1, 1),
+    "topks": (1, 2, 2),
+    "n_win": 2,
+}
 
 
 def test_official_checkpoint_file_loads_and_mismatches_are_clear_errors(reference, tmp_path):
@@ -258,7 +268,9 @@ def test_official_checkpoint_file_loads_and_mismatches_are_clear_errors(referenc
     load_official_checkpoint(model, path)
     expected = convert_official_state_dict(official)
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
-    with pytest.raises(InputDataError, match="(?s)" + re.escape(str(path)) + ".*size mismatch for head.weight"):
+    with pytest.raises(
+        InputDataError, match="(?s)" + re.escape(str(path)) + ".*size mismatch for head.weight"
+    ):
         load_official_checkpoint(BRAUNetPP(**SMALL, num_classes=4), path)
     with pytest.raises(InputDataError, match="(?s)Unexpected key.*skip_attention"):
         load_official_checkpoint(BRAUNetPP(**SMALL, use_sccsa=False), path)
@@ -279,9 +291,15 @@ def _fake_biformer(dims: list[int], depths: list[int], head_mismatch: bool = Tru
         put(prefix + "running_var", c)
         sd[prefix + "num_batches_tracked"] = torch.tensor(7)
 
-    put("downsample_layers.0.0.weight", dims[0] // 2, 3, 3, 3), put("downsample_layers.0.0.bias", dims[0] // 2)
+    (
+        put("downsample_layers.0.0.weight", dims[0] // 2, 3, 3, 3),
+        put("downsample_layers.0.0.bias", dims[0] // 2),
+    )
     bn("downsample_layers.0.1.", dims[0] // 2)
-    put("downsample_layers.0.3.weight", dims[0], dims[0] // 2, 3, 3), put("downsample_layers.0.3.bias", dims[0])
+    (
+        put("downsample_layers.0.3.weight", dims[0], dims[0] // 2, 3, 3),
+        put("downsample_layers.0.3.bias", dims[0]),
+    )
     bn("downsample_layers.0.4.", dims[0])
     for i in range(1, 4):
         put(f"downsample_layers.{i}.0.weight", dims[i], dims[i - 1], 3, 3)
@@ -326,8 +344,13 @@ def test_biformer_weights_load_into_the_encoder_and_report_the_rest(tmp_path):
     for key in report.left_at_init:
         assert torch.equal(own[key], before[key]), key
     assert "shape" in report.skipped["stages.2.1.mlp.0.weight"]
-    for key in ("stages.0.1.norm1.weight", "stages.2.2.attn.wo.bias", "stages.3.0.attn.proj.weight",
-                "norm.weight", "head.bias"):
+    for key in (
+        "stages.0.1.norm1.weight",
+        "stages.2.2.attn.wo.bias",
+        "stages.3.0.attn.proj.weight",
+        "norm.weight",
+        "head.bias",
+    ):
         assert key in report.skipped, key
     assert str(len(report.loaded)) in report.summary()
 
@@ -374,8 +397,9 @@ def test_inputs_that_are_not_multiples_of_32_or_wrong_channels_are_refused(rando
 def test_every_parameter_gets_a_gradient_on_a_padded_input():
     torch.manual_seed(0)
     dims = [32, 64, 128, 256]
-    model = BRAUNetPP(num_classes=3, embed_dims=dims, drop_path_rate=0.0, encoder_depths=(1, 1, 2),
-                      decoder_depths=(1, 1, 1)).train()
+    model = BRAUNetPP(
+        num_classes=3, embed_dims=dims, drop_path_rate=0.0, encoder_depths=(1, 1, 2), decoder_depths=(1, 1, 1)
+    ).train()
     x = torch.randn(2, 1, 96, 64)  # level maps 24x16, 12x8, 6x4: all padded for n_win 7
     loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 3, (2, 96, 64)))
     loss.backward()
@@ -384,9 +408,10 @@ def test_every_parameter_gets_a_gradient_on_a_padded_input():
         assert p.grad.abs().sum() > 0, name
 
 
-def test_torch_jit_trace_round_trip(random_models, tmp_path):
-    model = random_models[8]
-    x = torch.randn(1, 1, 64, 64)
+def test_torch_jit_trace_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = BRAUNetPP(**{**SMALL, "n_win": 3}).eval()
+    x = torch.randn(1, 1, 64, 64)  # maps 16, 8, 4: the padded attention path is traced too
     with torch.no_grad():
         expected = model(x)
         traced = torch.jit.trace(model, x, check_trace=False)

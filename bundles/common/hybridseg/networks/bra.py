@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-DEFAULT_KV_CHUNK_BYTES = 64 * 2**20
+DEFAULT_KV_CHUNK_BYTES = 16 * 2**20
 
 
 def partition_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
@@ -132,7 +132,9 @@ class BiLevelRoutingAttention(nn.Module):
         if padded:
             v = v[:, :H, :W]
         # LCE over the whole (unpadded) map, zero padding at its border; channels-last conv.
-        lce = self.lce(v.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        lce = self.lce(v.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)).permute(
+            0, 2, 3, 1
+        )
         if padded:
             out = out.reshape(n, hr * s, wr * s, c)[:, :H, :W] + lce
         else:
@@ -221,7 +223,9 @@ class BiLevelRoutingAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, t, c)
 
 
-def gathered_kv_bytes(module: BiLevelRoutingAttention, batch: int, height: int, width: int, itemsize: int = 4) -> int:
+def gathered_kv_bytes(
+    module: BiLevelRoutingAttention, batch: int, height: int, width: int, itemsize: int = 4
+) -> int:
     """Bytes a one-shot top-k gather of keys/values would allocate for an (batch, height, width) map."""
     s = module.n_win
     t = math.ceil(height / s) * math.ceil(width / s)

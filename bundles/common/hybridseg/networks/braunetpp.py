@@ -93,7 +93,7 @@ class ConvDownsample(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth on a residual branch (B, ...): zero whole samples with probability p, scale by 1/(1-p)."""
+    """Stochastic depth on a residual branch (B, ...): zero a sample w.p. p, scale the rest by 1/(1-p)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -296,7 +296,13 @@ class BRAUNetPP(nn.Module):
         def blocks(level: int, depth: int, rates: list[float]) -> list[BRAUBlock]:
             return [
                 BRAUBlock(
-                    dims[level], dims[level] // head_dim, n_win, topks[level], mlp_ratio, rates[j], kv_chunk_bytes
+                    dims[level],
+                    dims[level] // head_dim,
+                    n_win,
+                    topks[level],
+                    mlp_ratio,
+                    rates[j],
+                    kv_chunk_bytes,
                 )
                 for j in range(depth)
             ]
@@ -396,7 +402,7 @@ def _rename(kind: str, key: str) -> str | None:
     for pattern, repl in _SUBMODULE_RULES[kind]:
         m = re.match(pattern, key)
         if m:
-            return m.expand(repl) + key[m.end():]
+            return m.expand(repl) + key[m.end() :]
     if kind == "block" and _BLOCK_KEEP.match(key):
         return key
     return None
@@ -477,7 +483,7 @@ def _strip_prefixes(key: str, prefixes: Sequence[str]) -> str:
         changed = False
         for p in prefixes:
             if key.startswith(p):
-                key, changed = key[len(p):], True
+                key, changed = key[len(p) :], True
     return key
 
 

@@ -13,10 +13,12 @@ whose padded size fits in one window, cyclic shift by ``-shift``, cosine attenti
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,62 @@ def equal_constant(value: torch.Tensor, const: torch.Tensor) -> bool:
     return value.shape == const.shape and torch.equal(value.detach().cpu().to(const.dtype), const)
 
 
+class WindowLayout(NamedTuple):
+    """Where each token goes for (shifted) window attention on one (H, W) map.
+
+    ``gather`` (nW*N,): for every window slot (windows row-major, tokens row-major inside) the flat
+    index ``y*W + x`` of its source token after the cyclic shift, or ``H*W`` for a zero padding token.
+    ``scatter`` (H*W,): the window slot of every original token (inverse of ``gather``).
+    ``shift_mask`` (nW, 1, N, N) additive float mask, or None when the shift is off on both axes.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    shift_mask: torch.Tensor | None
+    padded: bool
+
+
+def window_layout(
+    h: int, w: int, window: int, shift: int, device: torch.device | str = "cpu"
+) -> WindowLayout:
+    """Index maps equal to torchvision's zero pad to the window, ``roll(-shift)`` and partition (and back).
+
+    The shift is dropped on an axis whose padded size fits in one window, as torchvision does.
+    """
+    ph, pw = h + (window - h % window) % window, w + (window - w % window) % window
+    sh = 0 if window >= ph else shift
+    sw = 0 if window >= pw else shift
+    rows = (torch.arange(ph) + sh) % ph  # roll(-s): rolled row r holds source row (r + s) mod size
+    cols = (torch.arange(pw) + sw) % pw
+    nwh, nww = ph // window, pw // window
+    r = rows.view(nwh, 1, window, 1).expand(nwh, nww, window, window)
+    c = cols.view(1, nww, 1, window).expand(nwh, nww, window, window)
+    gather = torch.where((r < h) & (c < w), r * w + c, h * w).flatten()
+    # Padding slots all hold the largest index h*w, so a stable sort lists the real tokens first, in order.
+    scatter = torch.argsort(gather, stable=True)[: h * w]
+    mask = shift_region_mask(ph, pw, window, sh, sw).unsqueeze(1).to(device) if sh or sw else None
+    return WindowLayout(gather.to(device), scatter.to(device), mask, ph != h or pw != w)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_window_layout(device: str, h: int, w: int, window: int, shift: int) -> WindowLayout:
+    """``window_layout`` built once per (device, size, window, shift); constants only, no parameters."""
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors, reusable in training
+        return window_layout(h, w, window, shift, torch.device(device))
+
+
+class QKVLinear(nn.Linear):
+    """The joint q/k/v projection (B, N, C) -> (B, N, 3C) with the k third of the bias held at zero."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Swin-V2 has no key bias: the stored k-bias entries (torchvision keeps them) are ignored."""
+        c = self.out_features // 3
+        b = self.bias
+        if b is not None:
+            b = torch.cat([b[:c], torch.zeros_like(b[c : 2 * c]), b[2 * c :]])
+        return F.linear(x, self.weight, b)
+
+
 class ShiftedWindowAttentionV2(nn.Module):
     """Swin-V2 (shifted) window cosine self-attention on NHWC: (B, H, W, C) -> (B, H, W, C).
 
@@ -108,15 +166,13 @@ class ShiftedWindowAttentionV2(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.window, self.shift = dim, num_heads, window, shift
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = QKVLinear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.cpb_mlp = nn.Sequential(
             nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
         )
         self.register_buffer("relative_coords_table", relative_coords_table(window), persistent=False)
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        # Shift masks depend only on the padded size; cached per (device, size), never on parameters.
-        self._mask_cache: dict[tuple[str, int, int, int, int], torch.Tensor] = {}
 
     def relative_position_bias(self) -> torch.Tensor:
         """Continuous position bias ``16 * sigmoid(cpb_mlp(table))`` per token pair: (1, heads, N, N)."""
@@ -125,67 +181,38 @@ class ShiftedWindowAttentionV2(nn.Module):
         bias = table[self.relative_position_index].view(n, n, self.num_heads).permute(2, 0, 1)
         return (16 * torch.sigmoid(bias)).unsqueeze(0)
 
-    def _shift_mask(self, device: torch.device, pad_h: int, pad_w: int, sh: int, sw: int) -> torch.Tensor:
-        """Cached (num_windows, 1, N, N) float32 shift mask for one padded size."""
-        if torch.jit.is_tracing():
-            # Built inside the trace so that its size follows the traced input shape.
-            return shift_region_mask(pad_h, pad_w, self.window, sh, sw).unsqueeze(1).to(device)
-        key = (str(device), pad_h, pad_w, sh, sw)
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            # A normal (not inference-mode) tensor, so a mask cached under inference_mode can be reused
-            # later in training.
-            with torch.inference_mode(False):
-                mask = shift_region_mask(pad_h, pad_w, self.window, sh, sw).unsqueeze(1).to(device)
-            self._mask_cache[key] = mask
-        return mask
-
-    def qkv_bias(self) -> torch.Tensor:
-        """The qkv bias with its k third replaced by zeros (Swin-V2 never uses a key bias)."""
-        b = self.qkv.bias
-        return torch.cat([b[: self.dim], torch.zeros_like(b[self.dim : 2 * self.dim]), b[2 * self.dim :]])
+    def layout(self, h: int, w: int, device: torch.device) -> WindowLayout:
+        """The window layout for an (h, w) map: cached per (device, size) in eager mode, rebuilt when tracing."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # Built inside the graph, so a trace follows the traced input size instead of freezing it.
+            return window_layout(h, w, self.window, self.shift, device)
+        return _cached_window_layout(str(device), h, w, self.window, self.shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C); pads to the window, attends within (shifted) windows, crops back."""
+        """(B, H, W, C) -> (B, H, W, C): attention within (shifted, zero-padded) windows, as torchvision."""
         b, h, w, c = x.shape
-        ws = self.window
-        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zeros; these tokens are attended to, as in torchvision
-        ph, pw = h + pad_b, w + pad_r
-        # A window covering the whole padded axis makes the shift pointless; torchvision drops it.
-        sh = 0 if ws >= ph else self.shift
-        sw = 0 if ws >= pw else self.shift
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        nwh, nww = ph // ws, pw // ws
-        n = ws * ws
-        # Window partition, row-major over windows: (B*nW, N, C).
-        xw = x.view(b, nwh, ws, nww, ws, c).transpose(2, 3).reshape(b * nwh * nww, n, c)
-
+        n = self.window * self.window
         hd = c // self.num_heads
-        qkv = F.linear(xw, self.qkv.weight, self.qkv_bias()).view(-1, n, 3, self.num_heads, hd)
+        layout = self.layout(h, w, x.device)
+        # One gather does torchvision's pad + roll + window partition: (B, nW*N, C) -> (B*nW, N, C).
+        tokens = x.reshape(b, h * w, c)
+        if layout.padded:
+            tokens = torch.cat([tokens, tokens.new_zeros(b, 1, c)], dim=1)  # the zero token padding uses
+        xw = tokens.index_select(1, layout.gather).view(-1, n, c)
+
+        qkv = self.qkv(xw).view(-1, n, 3, self.num_heads, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         # Cosine attention with the scale folded into q; casts keep q/k/v one dtype under autocast.
         q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
         k = F.normalize(k, dim=-1).to(v.dtype)
-
         mask = self.relative_position_bias()  # (1, heads, N, N)
-        if sh or sw:
-            shift_mask = self._shift_mask(x.device, ph, pw, sh, sw)  # (nW, 1, N, N)
-            mask = (mask + shift_mask).repeat(b, 1, 1, 1)  # windows vary fastest within B*nW
+        if layout.shift_mask is not None:
+            mask = (mask + layout.shift_mask).repeat(b, 1, 1, 1)  # windows vary fastest within B*nW
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=1.0)
-        out = out.transpose(1, 2).reshape(-1, n, c)
-        out = self.proj(out)
-
-        # Reverse the partition and the shift, then crop the padding.
-        out = out.view(b, nwh, nww, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
-        if sh or sw:
-            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
-        if pad_b or pad_r:
-            out = out[:, :h, :w, :]
-        return out
+        out = self.proj(out.transpose(1, 2).reshape(-1, n, c))
+        # One gather undoes the partition and the roll and drops the padding.
+        return out.view(b, -1, c).index_select(1, layout.scatter).view(b, h, w, c)
 
 
 class StochasticDepth(nn.Module):
