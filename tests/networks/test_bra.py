@@ -184,3 +184,15 @@ def test_bf16_autocast_bra_stays_close_to_float32():
         y = bra(fx["input"])
     assert y.dtype == torch.bfloat16
     assert max_abs_diff(y, fx["output"]) < 0.05 * fx["output"].abs().max().item()
+
+
+def test_bf16_autocast_on_a_padded_map_stays_close_to_float32():
+    torch.manual_seed(3)
+    bra = BiLevelRoutingAttention(dim=32, num_heads=2, n_win=3, topk=3).eval()
+    x = torch.randn(2, 10, 8, 32)  # pads to 12x9
+    with torch.no_grad():
+        ref = bra(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = bra(x)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.02

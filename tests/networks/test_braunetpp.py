@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
@@ -330,7 +331,7 @@ def test_biformer_weights_load_into_the_encoder_and_report_the_rest(tmp_path):
     sd = _fake_biformer(SMALL["embed_dims"], [2, 2, 3, 2])
     sd["stages.2.1.mlp.0.weight"] = torch.zeros(5, 5)  # a shape that does not fit must be skipped, not loaded
     path = tmp_path / "biformer_base_best.pth"
-    torch.save({"model": sd, "epoch": 300}, path)
+    torch.save({"model": sd, "epoch": 300, "args": argparse.Namespace(model="biformer_base")}, path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = load_biformer_weights(model, path)
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hybridseg.io import InputDataError
 from hybridseg.networks.cfformer import convert_reference_state_dict
 from hybridseg.networks.swin_v2 import (
@@ -17,6 +18,7 @@ from hybridseg.networks.swin_v2 import (
     relative_position_index,
     shift_region_mask,
     swin_v2_state_dict_from_torchvision,
+    window_layout,
 )
 
 from tests.reference import crc32_state_dict, load_fixture, max_abs_diff
@@ -94,6 +96,30 @@ def test_shift_mask_separates_regions_only_in_the_last_window_row_and_column():
     assert set(mask.unique().tolist()) == {-100.0, 0.0}
     # Window 3 (bottom-right) holds 4 regions of 16 tokens: each token sees 16 unmasked keys.
     assert torch.all((mask[3] == 0).sum(-1) == 16)
+
+
+def torchvision_partition(x: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """torchvision's steps written out: zero pad, drop the shift on axes that fit one window, roll, partition."""
+    b, h, w, c = x.shape
+    x = F.pad(x, (0, 0, 0, (window - w % window) % window, 0, (window - h % window) % window))
+    ph, pw = x.shape[1:3]
+    sh, sw = (0 if window >= ph else shift), (0 if window >= pw else shift)
+    x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    x = x.view(b, ph // window, window, pw // window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, -1, c)
+
+
+@pytest.mark.parametrize("h, w", [(7, 7), (14, 14), (16, 16), (10, 24), (56, 56)])
+@pytest.mark.parametrize("shift", [0, 4])
+def test_window_layout_gathers_like_pad_roll_partition_and_scatters_back(h, w, shift):
+    x = torch.randn(2, h, w, 3)
+    layout = window_layout(h, w, 8, shift)
+    tokens = torch.cat([x.reshape(2, h * w, 3), torch.zeros(2, 1, 3)], dim=1)
+    windows = tokens[:, layout.gather]
+    assert torch.equal(windows, torchvision_partition(x, 8, shift))
+    assert torch.equal(windows[:, layout.scatter].view(2, h, w, 3), x)
+    assert layout.padded == (h % 8 != 0 or w % 8 != 0)
+    assert (layout.shift_mask is None) == (shift == 0 or (h <= 8 and w <= 8))
 
 
 def test_shift_mask_cached_under_inference_mode_still_allows_training_backward():

@@ -11,6 +11,7 @@ from hybridseg.data.synapse import datalist_synapse
 from hybridseg.data.synth_busi import synth_busi
 from hybridseg.data.synth_synapse import synth_synapse
 from hybridseg.data.transunet import convert_transunet
+from hybridseg.demo import demo
 
 COMMANDS = {
     "synth_busi": synth_busi,
@@ -18,12 +19,13 @@ COMMANDS = {
     "datalist_busi": datalist_busi,
     "datalist_synapse": datalist_synapse,
     "convert_transunet": convert_transunet,
+    "demo": demo,
 }
 
 # Flags that take several values. fire reads ``--shape 64 64 24`` as ``--shape 64`` plus two stray
 # positional arguments (silently shifting them into other parameters), so such runs are rewritten to
 # ``--shape=[64, 64, 24]`` before fire sees them.
-MULTI_VALUE_FLAGS = ("--shape", "--split", "--classes", "--test_cases", "--test-cases")
+MULTI_VALUE_FLAGS = ("--shape", "--split", "--classes", "--test_cases", "--test-cases", "--synapse_shape")
 
 
 def _literal(token: str) -> int | float | str:

@@ -19,6 +19,7 @@ Module names differ from the official ones (they say what the module is); the ma
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -517,7 +518,9 @@ def _read_state_dict(path: str | os.PathLike, containers: Sequence[str]) -> dict
     if not os.path.isfile(path):
         raise InputDataError(path, "checkpoint file does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Training scripts (DeiT-style, as BiFormer's) also store their argparse.Namespace: plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad input file
         raise InputDataError(path, f"cannot be read as a weights-only torch checkpoint ({err})") from err
     for name in containers:

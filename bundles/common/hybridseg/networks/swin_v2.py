@@ -182,7 +182,7 @@ class ShiftedWindowAttentionV2(nn.Module):
         return (16 * torch.sigmoid(bias)).unsqueeze(0)
 
     def layout(self, h: int, w: int, device: torch.device) -> WindowLayout:
-        """The window layout for an (h, w) map: cached per (device, size) in eager mode, rebuilt when tracing."""
+        """Window layout of an (h, w) map: cached per (device, size) in eager mode, rebuilt when tracing."""
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             # Built inside the graph, so a trace follows the traced input size instead of freezing it.
             return window_layout(h, w, self.window, self.shift, device)
