@@ -39,7 +39,9 @@ def run_workflow(workflow_type: str, config_file, meta_file: str, logging_file: 
     assert not missing, f"required properties missing from the config: {missing}"
     wf.run()
     wf.finalize()
-    logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers if not isinstance(h, logging.FileHandler)]
+    logging.getLogger().handlers[:] = [
+        h for h in logging.getLogger().handlers if not isinstance(h, logging.FileHandler)
+    ]
     return wf
 
 

@@ -30,10 +30,14 @@ TINY = {
 @pytest.fixture(scope="module")
 def trained(synapse_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("braunetpp_run")
-    common = dict(dataset_dir=str(synapse_dir), ckpt_dir=str(work / "models"), output_dir=str(work / "eval"), **TINY)
+    common = dict(
+        dataset_dir=str(synapse_dir), ckpt_dir=str(work / "models"), output_dir=str(work / "eval"), **TINY
+    )
     run_workflow("train", FILES["train"], FILES["meta_file"], FILES["logging_file"], **common)
     common["output_dir"] = str(work / "test_eval")
-    run_workflow("train", [FILES["train"], FILES["evaluate"]], FILES["meta_file"], FILES["logging_file"], **common)
+    run_workflow(
+        "train", [FILES["train"], FILES["evaluate"]], FILES["meta_file"], FILES["logging_file"], **common
+    )
     return work
 
 
@@ -72,9 +76,15 @@ def test_inference_writes_label_volume_on_the_input_grid(trained, synapse_dir, t
     (inputs / src.name).write_bytes(src.read_bytes())
     out = tmp_path / "out"
     run_workflow(
-        "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
-        input_dir=str(inputs), output_dir=str(out), ckpt_path=str(trained / "models" / "model.pt"),
-        image_size=[64, 64], n_win=4,
+        "infer",
+        FILES["inference"],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        input_dir=str(inputs),
+        output_dir=str(out),
+        ckpt_path=str(trained / "models" / "model.pt"),
+        image_size=[64, 64],
+        n_win=4,
     )
     stem = src.name[: -len(".nii.gz")]
     seg = nib.load(out / f"{stem}_seg.nii.gz")
@@ -92,8 +102,16 @@ def test_training_on_a_tiny_set_lowers_the_loss(synapse_dir, tmp_path):
     parser = ConfigParser()
     parser.read_config(FILES["train"])
     parser.read_meta(FILES["meta_file"])
-    parser.update({**TINY, "dataset_dir": str(synapse_dir), "ckpt_dir": str(tmp_path / "m"),
-                   "output_dir": str(tmp_path / "e"), "epoch_length": 6, "learning_rate": 0.01})
+    parser.update(
+        {
+            **TINY,
+            "dataset_dir": str(synapse_dir),
+            "ckpt_dir": str(tmp_path / "m"),
+            "output_dir": str(tmp_path / "e"),
+            "epoch_length": 6,
+            "learning_rate": 0.01,
+        }
+    )
     parser["train#handlers"] = parser["train#handlers"][:1]  # just the LR schedule
     torch.manual_seed(0)
     net = parser.get_parsed_content("network")
@@ -135,9 +153,15 @@ def test_inference_bad_volume_fails_naming_the_file(trained, tmp_path, make, pro
     nib.save(nib.Nifti1Image(arr, np.eye(4)), str(inputs / "bad.nii.gz"))
     with pytest.raises(Exception) as info:
         run_workflow(
-            "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
-            input_dir=str(inputs), output_dir=str(tmp_path / "out"),
-            ckpt_path=str(trained / "models" / "model.pt"), image_size=[64, 64], n_win=4,
+            "infer",
+            FILES["inference"],
+            FILES["meta_file"],
+            FILES["logging_file"],
+            input_dir=str(inputs),
+            output_dir=str(tmp_path / "out"),
+            ckpt_path=str(trained / "models" / "model.pt"),
+            image_size=[64, 64],
+            n_win=4,
         )
     text = error_text(info.value)
     assert problem in text and "bad.nii.gz" in text

@@ -1,4 +1,4 @@
-"""The cfformer_busi bundle run through MONAI's ConfigWorkflow on tiny generated data: train, evaluate, infer."""
+"""The cfformer_busi bundle through MONAI's ConfigWorkflow on tiny generated data: train, evaluate, infer."""
 
 from __future__ import annotations
 
@@ -30,10 +30,14 @@ TINY = {
 def trained(busi_dir, tmp_path_factory):
     """Train one epoch, then evaluate on the test split; returns the output folders."""
     work = tmp_path_factory.mktemp("cfformer_run")
-    common = dict(dataset_dir=str(busi_dir), ckpt_dir=str(work / "models"), output_dir=str(work / "eval"), **TINY)
+    common = dict(
+        dataset_dir=str(busi_dir), ckpt_dir=str(work / "models"), output_dir=str(work / "eval"), **TINY
+    )
     run_workflow("train", FILES["train"], FILES["meta_file"], FILES["logging_file"], **common)
     common["output_dir"] = str(work / "test_eval")
-    run_workflow("train", [FILES["train"], FILES["evaluate"]], FILES["meta_file"], FILES["logging_file"], **common)
+    run_workflow(
+        "train", [FILES["train"], FILES["evaluate"]], FILES["meta_file"], FILES["logging_file"], **common
+    )
     return work
 
 
@@ -67,9 +71,15 @@ def test_inference_writes_masks_at_each_input_size(trained, busi_dir, tmp_path):
     Image.fromarray(np.full((70, 50, 3), 120, np.uint8)).save(inputs / "rgb.png")
     out = tmp_path / "out"
     run_workflow(
-        "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
-        input_dir=str(inputs), output_dir=str(out), ckpt_path=str(trained / "models" / "model.pt"),
-        variant="s", image_size=[64, 64],
+        "infer",
+        FILES["inference"],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        input_dir=str(inputs),
+        output_dir=str(out),
+        ckpt_path=str(trained / "models" / "model.pt"),
+        variant="s",
+        image_size=[64, 64],
     )
     assert np.asarray(Image.open(out / "gray_mask.png")).shape == (80, 112)
     assert np.asarray(Image.open(out / "rgb_mask.png")).shape == (70, 50)
@@ -96,9 +106,15 @@ def test_inference_bad_input_fails_naming_the_file_and_writes_nothing(trained, t
     out = tmp_path / "out"
     with pytest.raises(Exception) as info:
         run_workflow(
-            "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
-            input_dir=str(inputs), output_dir=str(out), ckpt_path=str(trained / "models" / "model.pt"),
-            variant="s", image_size=[64, 64],
+            "infer",
+            FILES["inference"],
+            FILES["meta_file"],
+            FILES["logging_file"],
+            input_dir=str(inputs),
+            output_dir=str(out),
+            ckpt_path=str(trained / "models" / "model.pt"),
+            variant="s",
+            image_size=[64, 64],
         )
     assert problem in error_text(info.value)
     assert not out.exists() or not any(out.rglob("*")), "partial outputs were written"
@@ -112,9 +128,15 @@ def test_inference_refuses_3d_nifti_where_2d_is_expected(trained, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), np.float32), np.eye(4)), str(inputs / "vol.nii.gz"))
     with pytest.raises(Exception) as info:
         run_workflow(
-            "infer", FILES["inference"], FILES["meta_file"], FILES["logging_file"],
-            input_dir=str(inputs), output_dir=str(tmp_path / "out"),
-            ckpt_path=str(trained / "models" / "model.pt"), variant="s", image_size=[64, 64],
+            "infer",
+            FILES["inference"],
+            FILES["meta_file"],
+            FILES["logging_file"],
+            input_dir=str(inputs),
+            output_dir=str(tmp_path / "out"),
+            ckpt_path=str(trained / "models" / "model.pt"),
+            variant="s",
+            image_size=[64, 64],
         )
     assert "expected a 2D image" in error_text(info.value) and "vol.nii.gz" in error_text(info.value)
 
@@ -126,8 +148,15 @@ def test_one_training_epoch_lowers_the_loss(busi_dir, tmp_path):
     parser = ConfigParser()
     parser.read_config(FILES["train"])
     parser.read_meta(FILES["meta_file"])
-    parser.update({**TINY, "dataset_dir": str(busi_dir), "ckpt_dir": str(tmp_path / "m"),
-                   "output_dir": str(tmp_path / "e"), "learning_rate": 1e-3})
+    parser.update(
+        {
+            **TINY,
+            "dataset_dir": str(busi_dir),
+            "ckpt_dir": str(tmp_path / "m"),
+            "output_dir": str(tmp_path / "e"),
+            "learning_rate": 1e-3,
+        }
+    )
     parser["train#handlers"] = parser["train#handlers"][:1]  # just the LR schedule: no validation, no files
     torch.manual_seed(0)
     net = parser.get_parsed_content("network")

@@ -1,4 +1,4 @@
-"""Helpers the bundle configs call: where the bundle is, which device, which inputs, learning-rate schedules."""
+"""Helpers the bundle configs call: bundle location, device, inference inputs, LR schedules, log files."""
 
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def collect_inputs(
             files.append(p)
         elif p.is_dir():
             found = sorted(
-                f for f in p.iterdir()
+                f
+                for f in p.iterdir()
                 if (f.is_file() and f.name.lower().endswith(suffixes)) or (f.is_dir() and is_series(f))
             )
             if not found:
@@ -155,7 +156,7 @@ def log_to_file(path: str | os.PathLike, level: str = "INFO") -> str:
 
 
 def close_log_files() -> None:
-    """Detach and close the handlers added by :func:`log_to_file` (several workflows may run in one process)."""
+    """Detach and close the handlers added by :func:`log_to_file` (workflows may share a process)."""
     import logging
 
     root = logging.getLogger()

@@ -49,47 +49,94 @@ def demo_busi(out: Path, n: int, size: int, log: Path) -> dict:
     data, work = out / "busi" / "Dataset_BUSI_with_GT", out / "busi" / "run"
     py = [sys.executable, "-m", "hybridseg"]
     times = {}
-    times["generate"] = _run(py + ["synth_busi", "--out", str(data), "--n", str(n), "--size", str(size),
-                                   "--seed", "0"], log)
-    times["datalist"] = _run(py + ["datalist_busi", "--root", str(data), "--out", str(data / "datalist.json")], log)
+    times["generate"] = _run(
+        py + ["synth_busi", "--out", str(data), "--n", str(n), "--size", str(size), "--seed", "0"], log
+    )
+    times["datalist"] = _run(
+        py + ["datalist_busi", "--root", str(data), "--out", str(data / "datalist.json")], log
+    )
     common = dict(dataset_dir=data, ckpt_dir=work / "models")
-    times["train"] = _run(_bundle_cmd("cfformer_busi", ["train.json", "quick.json"], output_dir=work / "train",
-                                      **common), log)
-    times["evaluate"] = _run(_bundle_cmd("cfformer_busi", ["train.json", "quick.json", "evaluate.json"],
-                                         output_dir=work / "test", **common), log)
+    times["train"] = _run(
+        _bundle_cmd("cfformer_busi", ["train.json", "quick.json"], output_dir=work / "train", **common), log
+    )
+    times["evaluate"] = _run(
+        _bundle_cmd(
+            "cfformer_busi", ["train.json", "quick.json", "evaluate.json"], output_dir=work / "test", **common
+        ),
+        log,
+    )
     test = json.loads((data / "datalist.json").read_text())["test"][:4]
     samples = work / "inference_inputs"
     samples.mkdir(parents=True, exist_ok=True)
     for t in test:  # copies, so the demo's inference never writes near the data set
         shutil.copy(data / t["image"], samples / Path(t["image"]).name)
-    times["infer"] = _run(_bundle_cmd("cfformer_busi", ["inference.json", "quick.json"], input_dir=samples,
-                                      output_dir=work / "inference", ckpt_path=work / "models" / "model.pt"), log)
-    return {"work": work, "times": times, "table": (work / "test" / "summary.md").read_text(),
-            "summary": json.loads((work / "test" / "summary_busi.json").read_text())}
+    times["infer"] = _run(
+        _bundle_cmd(
+            "cfformer_busi",
+            ["inference.json", "quick.json"],
+            input_dir=samples,
+            output_dir=work / "inference",
+            ckpt_path=work / "models" / "model.pt",
+        ),
+        log,
+    )
+    return {
+        "work": work,
+        "times": times,
+        "table": (work / "test" / "summary.md").read_text(),
+        "summary": json.loads((work / "test" / "summary_busi.json").read_text()),
+    }
 
 
 def demo_synapse(out: Path, n: int, shape: tuple[int, int, int], log: Path) -> dict:
     data, work = out / "synapse" / "RawData" / "Training", out / "synapse" / "run"
     py = [sys.executable, "-m", "hybridseg"]
     times = {}
-    times["generate"] = _run(py + ["synth_synapse", "--out", str(data), "--n", str(n), "--shape",
-                                   *map(str, shape), "--seed", "0"], log)
-    times["datalist"] = _run(py + ["datalist_synapse", "--root", str(data), "--out", str(data / "datalist.json"),
-                                   "--num_val", "1"], log)
+    times["generate"] = _run(
+        py + ["synth_synapse", "--out", str(data), "--n", str(n), "--shape", *map(str, shape), "--seed", "0"],
+        log,
+    )
+    times["datalist"] = _run(
+        py
+        + ["datalist_synapse", "--root", str(data), "--out", str(data / "datalist.json"), "--num_val", "1"],
+        log,
+    )
     common = dict(dataset_dir=data, ckpt_dir=work / "models")
-    times["train"] = _run(_bundle_cmd("braunetpp_synapse", ["train.json", "quick.json"],
-                                      output_dir=work / "train", **common), log)
-    times["evaluate"] = _run(_bundle_cmd("braunetpp_synapse", ["train.json", "quick.json", "evaluate.json"],
-                                         output_dir=work / "test", **common), log)
+    times["train"] = _run(
+        _bundle_cmd("braunetpp_synapse", ["train.json", "quick.json"], output_dir=work / "train", **common),
+        log,
+    )
+    times["evaluate"] = _run(
+        _bundle_cmd(
+            "braunetpp_synapse",
+            ["train.json", "quick.json", "evaluate.json"],
+            output_dir=work / "test",
+            **common,
+        ),
+        log,
+    )
     first = json.loads((data / "datalist.json").read_text())["test"][0]
     samples = work / "inference_inputs"
     samples.mkdir(parents=True, exist_ok=True)
     shutil.copy(data / first["image"], samples / Path(first["image"]).name)
-    times["infer"] = _run(_bundle_cmd("braunetpp_synapse", ["inference.json", "quick.json"], input_dir=samples,
-                                      output_dir=work / "inference", ckpt_path=work / "models" / "model.pt"), log)
-    return {"work": work, "times": times, "table": (work / "test" / "summary.md").read_text(),
-            "summary": {p: json.loads((work / "test" / f"summary_{p}.json").read_text())
-                        for p in ("paper", "physical")}}
+    times["infer"] = _run(
+        _bundle_cmd(
+            "braunetpp_synapse",
+            ["inference.json", "quick.json"],
+            input_dir=samples,
+            output_dir=work / "inference",
+            ckpt_path=work / "models" / "model.pt",
+        ),
+        log,
+    )
+    return {
+        "work": work,
+        "times": times,
+        "table": (work / "test" / "summary.md").read_text(),
+        "summary": {
+            p: json.loads((work / "test" / f"summary_{p}.json").read_text()) for p in ("paper", "physical")
+        },
+    }
 
 
 def demo(

@@ -1,4 +1,4 @@
-"""MONAI inferers used by the bundles: mixed precision on any device, and resized slice-by-slice 3D inference."""
+"""MONAI inferers for the bundles: mixed precision on any device, resized slice-by-slice 3D inference."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class AutocastInferer(Inferer):
 
 
 class ResizedSliceInferer(Inferer):
-    """Axial slice-by-slice inference of a 2D network on a volume ``(B, C, H, W, D)``, as the papers' test code.
+    """Axial slice-by-slice inference of a 2D network on a volume ``(B, C, H, W, D)``, as the papers test.
 
     Each batch of ``sw_batch_size`` slices is resized to ``roi_size`` (bicubic for the image, as the official
     cubic zoom), run through the network, and the logits are resized back to ``(H, W)`` with nearest
@@ -88,7 +88,9 @@ class ResizedSliceInferer(Inferer):
         x = torch.as_tensor(inputs)  # plain tensor: metadata is not needed slice by slice
         out: torch.Tensor | None = None
         amp = (
-            torch.autocast(x.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+            torch.autocast(x.device.type, dtype=self.dtype)
+            if self.dtype is not None
+            else contextlib.nullcontext()
         )
         for start in self._slices(d):
             stop = min(start + self.sw_batch_size, d)

@@ -187,7 +187,9 @@ def output_stem(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
-def overlay_rgb(image: np.ndarray, pred: np.ndarray | None = None, gt: np.ndarray | None = None) -> np.ndarray:
+def overlay_rgb(
+    image: np.ndarray, pred: np.ndarray | None = None, gt: np.ndarray | None = None
+) -> np.ndarray:
     """Gray image ``(H, W)`` with the ground-truth outline in green and the prediction outline in red, as
     ``(H, W, 3)`` uint8."""
     from scipy.ndimage import binary_erosion
@@ -262,7 +264,9 @@ class SaveMask2Dd(MapTransform):
                 if self.label_key is not None and self.label_key in d:
                     gt = np.asarray(torch.as_tensor(d[self.label_key]).cpu()).reshape(pred.shape) > 0.5
                 if image.shape != pred.shape:
-                    raise ValueError(f"{src}: prediction {pred.shape} is not at the image's size {image.shape}")
+                    raise ValueError(
+                        f"{src}: prediction {pred.shape} is not at the image's size {image.shape}"
+                    )
                 write_png(self.output_dir / f"{stem}_overlay.png", overlay_rgb(image, pred, gt))
         return d
 
@@ -273,11 +277,16 @@ class SaveMask2Dd(MapTransform):
 
 
 class CheckVolumePaird(MapTransform):
-    """Validate a loaded CT pair ``(1, H, W, D)``: one channel, three spatial axes, finite intensities, and the
-    label on the image's grid. Errors name the file, instead of failing deep inside a later transform."""
+    """Validate a loaded CT pair ``(1, H, W, D)``: one channel, three spatial axes, finite
+    intensities, and the label on the image's grid. Errors name the file, instead of failing deep
+    inside a later transform."""
 
-    def __init__(self, keys: KeysCollection = ("image", "label"), image_key: str = "image",
-                 allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        image_key: str = "image",
+        allow_missing_keys: bool = True,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
 
@@ -289,9 +298,8 @@ class CheckVolumePaird(MapTransform):
             name = getattr(x, "meta", {}).get("filename_or_obj", key)
             shape = tuple(x.shape)
             if len(shape) != 4 or shape[0] != 1:
-                spatial = shape[1:] if len(shape) >= 1 else shape
                 raise InputDataError(
-                    name, f"expected a single-channel 3D volume, got spatial shape {spatial} with {shape[0]} channel(s)"
+                    name, f"expected a single-channel 3D volume, got shape {shape} (channel first)"
                 )
             if key == self.image_key and not torch.isfinite(torch.as_tensor(x)).all():
                 raise InputDataError(name, "volume contains NaN or infinite values")
@@ -313,8 +321,11 @@ class LoadVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             arr, affine = read_volume(d[key])
-            meta = {"filename_or_obj": str(d[key]), "spatial_shape": np.asarray(arr.shape),
-                    "original_affine": affine}
+            meta = {
+                "filename_or_obj": str(d[key]),
+                "spatial_shape": np.asarray(arr.shape),
+                "original_affine": affine,
+            }
             d[key] = MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
         return d
 
@@ -323,8 +334,13 @@ class SaveLabelVolumed(MapTransform):
     """Write a predicted label volume ``(1, X, Y, Z)`` on the input's own grid: ``<stem>_seg.nii.gz`` with the
     input's affine (and header for NIfTI input), plus ``<stem>_seg.json`` naming every label id. Atomic."""
 
-    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image",
-                 output_dir: str | os.PathLike = "./eval", labels: Mapping[Any, str] | None = None) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        image_key: str = "image",
+        output_dir: str | os.PathLike = "./eval",
+        labels: Mapping[Any, str] | None = None,
+    ) -> None:
         super().__init__(keys)
         self.image_key = image_key
         self.output_dir = Path(output_dir)
@@ -361,8 +377,13 @@ class SaveLabelVolumed(MapTransform):
                 gz = Path(str(tmp) + ".nii.gz")
                 nib.save(out, str(gz))
                 os.replace(gz, tmp)
-            sidecar = {"source": src, "segmentation": dest.name, "labels": self.labels,
-                       "shape": list(pred.shape), "affine": np.asarray(affine).tolist()}
+            sidecar = {
+                "source": src,
+                "segmentation": dest.name,
+                "labels": self.labels,
+                "shape": list(pred.shape),
+                "affine": np.asarray(affine).tolist(),
+            }
             from hybridseg.io import atomic_write_text
 
             atomic_write_text(self.output_dir / f"{stem}_seg.json", json.dumps(sidecar, indent=4) + "\n")
