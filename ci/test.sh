@@ -5,5 +5,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/ci/env.sh"
 cd "$root"
 .venv/bin/python -m ruff check bundles tests ci
-# Two cores: one worker per core; the slowest tests are the whole-network and bundle runs.
-.venv/bin/python -m pytest -n 2 --timeout 900 "$@"
+# Two cores: one worker per core, one thread per worker (two 2-thread workers on 2 cores thrash), and
+# each test file on one worker so module fixtures (a trained bundle) are built once.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+.venv/bin/python -m pytest -n 2 --dist loadfile --timeout 900 "$@"

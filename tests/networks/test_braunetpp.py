@@ -101,7 +101,7 @@ def _run_recording(model: BRAUNetPP, x: torch.Tensor) -> tuple[torch.Tensor, dic
 
 def test_crc32_fill_reproduces_the_fixture_fill_checks(reference):
     fx, official, _ = reference
-    for key, check in list(fx["fill_check"].items())[::7]:
+    for key, check in fx["fill_check"].items():
         t = official[key].double().flatten()
         got = torch.stack([t.sum(), t.abs().sum(), t[0], t[-1]])
         torch.testing.assert_close(got, check.double(), rtol=1e-12, atol=1e-9)

@@ -240,19 +240,22 @@ def test_gray_model_with_summed_stems_equals_rgb_model_on_repeated_gray_image(re
     assert_close(b, a, "gray vs repeated gray", tol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_torchscript_trace_round_trip_reproduces_the_reference_and_follows_256_input(fx_t, model_s, tmp_path):
-    x256 = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(9))
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_trace_round_trip_reproduces_the_reference_and_follows_other_input_sizes(
+    fx_t, model_s, tmp_path
+):
     with torch.no_grad():
         traced = torch.jit.trace(model_s, fx_t["input"], check_trace=False)
         torch.jit.save(traced, tmp_path / "cfformer_s.pt")
         loaded = torch.jit.load(tmp_path / "cfformer_s.pt")
         assert_close(loaded(fx_t["input"]), fx_t["output"], "traced at 224", tol=LOGIT_TOL)
-        # 256 has the same padding/shift pattern as 224, and the window layouts are built inside the
-        # graph, so the 224 trace is valid there too (sizes with another pattern need their own trace).
-        eager256 = model_s(x256)
-        assert eager256.shape == (1, 1, 256, 256)
-        assert_close(loaded(x256), eager256, "traced at 256", tol=1e-6)
+        # Window layouts are built inside the graph, so the 224 trace stays right at sizes with another
+        # padding/shift pattern (160x288: stage 4 pads 5->8 without shift and 9->16 with shift).
+        for size in ((256, 256), (160, 288)):
+            x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(9))
+            eager = model_s(x)
+            assert eager.shape == (1, 1, *size)
+            assert_close(loaded(x), eager, f"traced at {size}", tol=1e-6)
 
 
 def test_torch_export_reproduces_the_reference_logits(fx_t, model_s):

@@ -11,6 +11,7 @@ from hybridseg.io import InputDataError
 from hybridseg.networks.cfformer import convert_reference_state_dict
 from hybridseg.networks.swin_v2 import (
     PatchMergingV2,
+    StochasticDepth,
     SwinTransformerBlockV2,
     SwinV2Features,
     load_swin_v2_imagenet,
@@ -99,7 +100,7 @@ def test_shift_mask_separates_regions_only_in_the_last_window_row_and_column():
 
 
 def torchvision_partition(x: torch.Tensor, window: int, shift: int) -> torch.Tensor:
-    """torchvision's steps written out: zero pad, drop the shift on axes that fit one window, roll, partition."""
+    """torchvision written out: zero pad, drop the shift on axes fitting one window, roll, partition."""
     b, h, w, c = x.shape
     x = F.pad(x, (0, 0, 0, (window - w % window) % window, 0, (window - h % window) % window))
     ph, pw = x.shape[1:3]
@@ -109,7 +110,7 @@ def torchvision_partition(x: torch.Tensor, window: int, shift: int) -> torch.Ten
     return x.reshape(b, -1, c)
 
 
-@pytest.mark.parametrize("h, w", [(7, 7), (14, 14), (16, 16), (10, 24), (56, 56)])
+@pytest.mark.parametrize("h, w", [(7, 7), (14, 14), (16, 16), (10, 24), (7, 24), (56, 56)])
 @pytest.mark.parametrize("shift", [0, 4])
 def test_window_layout_gathers_like_pad_roll_partition_and_scatters_back(h, w, shift):
     x = torch.randn(2, h, w, 3)
@@ -120,6 +121,29 @@ def test_window_layout_gathers_like_pad_roll_partition_and_scatters_back(h, w, s
     assert torch.equal(windows[:, layout.scatter].view(2, h, w, 3), x)
     assert layout.padded == (h % 8 != 0 or w % 8 != 0)
     assert (layout.shift_mask is None) == (shift == 0 or (h <= 8 and w <= 8))
+
+
+@pytest.mark.parametrize("h, w", [(7, 7), (7, 24), (16, 16)])
+def test_traced_window_layout_always_pads_and_masks_shifted_blocks_with_the_same_result(h, w):
+    eager, traced = window_layout(h, w, 8, 4), window_layout(h, w, 8, 4, traced=True)
+    assert torch.equal(eager.gather, traced.gather) and torch.equal(eager.scatter, traced.scatter)
+    assert traced.padded and traced.shift_mask is not None
+    expected = torch.zeros_like(traced.shift_mask) if eager.shift_mask is None else eager.shift_mask
+    assert torch.equal(traced.shift_mask, expected)
+
+
+def test_shift_mask_equals_torchvision_slice_construction():
+    for ph, pw, sh, sw in [(16, 16, 4, 4), (8, 24, 0, 4), (24, 8, 4, 0), (32, 16, 4, 4)]:
+        region = torch.zeros(ph, pw)  # torchvision: label the 3x3 slice grid, then compare labels
+        count = 0
+        for hs in ((0, -8), (-8, -sh), (-sh, None)):
+            for ws in ((0, -8), (-8, -sw), (-sw, None)):
+                region[hs[0] : hs[1], ws[0] : ws[1]] = count
+                count += 1
+        region = region.view(ph // 8, 8, pw // 8, 8).permute(0, 2, 1, 3).reshape(-1, 64)
+        diff = region.unsqueeze(1) - region.unsqueeze(2)
+        expected = diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+        assert torch.equal(shift_region_mask(ph, pw, 8, sh, sw), expected), (ph, pw, sh, sw)
 
 
 def test_shift_mask_cached_under_inference_mode_still_allows_training_backward():
@@ -192,6 +216,17 @@ def test_stochastic_depth_rises_linearly_from_zero_to_the_model_maximum(name, la
     with torch.device("meta"):
         custom = SwinV2Features(name, stochastic_depth_prob=0.1)
     assert max(m.stochastic_depth.p for m in custom.modules() if isinstance(m, SwinTransformerBlockV2)) == 0.1
+
+
+def test_stochastic_depth_drops_whole_samples_in_training_and_is_identity_in_eval():
+    sd = StochasticDepth(0.5)
+    x = torch.ones(64, 3, 4, 5)
+    torch.manual_seed(0)
+    y = sd(x)
+    per_sample = y.flatten(1)
+    assert torch.all(per_sample == per_sample[:, :1])  # one decision per sample
+    assert set(per_sample[:, 0].tolist()) == {0.0, 2.0}  # dropped, or kept and rescaled by 1/(1-p)
+    assert torch.equal(sd.eval()(x), x)
 
 
 def test_fresh_init_zeroes_linear_biases_and_sets_logit_scale_ln10():

@@ -14,8 +14,12 @@ Same numbers as the official formulation (BiFormer ``ops/bra_legacy.py`` as BRAU
 What differs from the reference is how it is computed, not what:
 
 * No attention matrix: :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels).
+* Region means of q and k are computed as the projection of the region mean of x (q and k are
+  affine in x, so this is the same quantity up to float rounding), in float32.
 * No top-k copy of all keys/values at once: at inference, query regions are processed in chunks
-  whose gathered keys/values fit ``kv_chunk_bytes``. Under autograd the gathered chunk is needed
+  whose gathered keys/values fit ``kv_chunk_bytes`` (16 MiB by default; at a 512x512 input this
+  keeps one level-0 layer at ~62 MiB for any topk, against 0.24-0.89 GiB for the plain gather,
+  see ``ci/bench_bra_memory.py``). Under autograd the gathered chunk is needed
   for the backward pass anyway; ``checkpoint_chunks=True`` recomputes it there instead of storing it.
 * Maps whose sides are not multiples of ``n_win`` are zero-padded at the bottom/right to the next
   multiple (regions of ``ceil(H / n_win)`` x ``ceil(W / n_win)`` pixels). Padded pixels are left out
@@ -25,8 +29,6 @@ What differs from the reference is how it is computed, not what:
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -221,12 +223,3 @@ class BiLevelRoutingAttention(nn.Module):
             mask = valid[flat_idx % r].view(b, 1, 1, length)  # padded pixels never act as keys
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
         return out.transpose(1, 2).reshape(b, t, c)
-
-
-def gathered_kv_bytes(
-    module: BiLevelRoutingAttention, batch: int, height: int, width: int, itemsize: int = 4
-) -> int:
-    """Bytes a one-shot top-k gather of keys/values would allocate for an (batch, height, width) map."""
-    s = module.n_win
-    t = math.ceil(height / s) * math.ceil(width / s)
-    return batch * s * s * module.topk * t * (module.qk_dim + module.dim) * itemsize

@@ -76,16 +76,14 @@ def relative_position_index(window: int = WINDOW) -> torch.Tensor:
 def shift_region_mask(pad_h: int, pad_w: int, window: int, shift_h: int, shift_w: int) -> torch.Tensor:
     """Additive mask (num_windows, w*w, w*w): -100 between tokens of different shift regions, else 0.
 
-    Regions are laid out on the padded grid after the cyclic shift, as torchvision does.
+    Regions are torchvision's slices ``[0, P-window)``, ``[P-window, P-shift)``, ``[P-shift, P)`` of the
+    padded, rolled grid on each axis (a zero shift leaves the axis undivided within any window). Written
+    as tensor arithmetic, so a trace built with traced sizes follows the input size.
     """
-    region = torch.zeros(pad_h, pad_w)
-    h_bounds = (0, pad_h - window, pad_h - shift_h, pad_h)
-    w_bounds = (0, pad_w - window, pad_w - shift_w, pad_w)
-    count = 0
-    for i in range(3):
-        for j in range(3):
-            region[h_bounds[i] : h_bounds[i + 1], w_bounds[j] : w_bounds[j + 1]] = count
-            count += 1
+    rows, cols = torch.arange(pad_h), torch.arange(pad_w)
+    region_h = (rows >= pad_h - window).long() + (rows >= pad_h - shift_h).long()
+    region_w = (cols >= pad_w - window).long() + (cols >= pad_w - shift_w).long()
+    region = (3 * region_h[:, None] + region_w[None, :]).float()
     region = region.view(pad_h // window, window, pad_w // window, window).transpose(1, 2)
     region = region.reshape(-1, window * window)
     diff = region.unsqueeze(1) - region.unsqueeze(2)
@@ -113,15 +111,18 @@ class WindowLayout(NamedTuple):
 
 
 def window_layout(
-    h: int, w: int, window: int, shift: int, device: torch.device | str = "cpu"
+    h: int, w: int, window: int, shift: int, device: torch.device | str = "cpu", traced: bool = False
 ) -> WindowLayout:
     """Index maps equal to torchvision's zero pad to the window, ``roll(-shift)`` and partition (and back).
 
-    The shift is dropped on an axis whose padded size fits in one window, as torchvision does.
+    The shift is dropped on an axis whose padded size fits in one window, as torchvision does. With
+    ``traced`` (sizes are traced tensors inside ``torch.jit.trace``) nothing depends on a Python
+    decision about the size: the layout always has a zero token and, for shifted blocks, a mask (all
+    zeros where the shift is dropped), so the traced graph stays right for every input size.
     """
     ph, pw = h + (window - h % window) % window, w + (window - w % window) % window
-    sh = 0 if window >= ph else shift
-    sw = 0 if window >= pw else shift
+    # shift * (P > window): arithmetic rather than a branch, so it also holds for traced sizes.
+    sh, sw = shift * (ph > window), shift * (pw > window)
     rows = (torch.arange(ph) + sh) % ph  # roll(-s): rolled row r holds source row (r + s) mod size
     cols = (torch.arange(pw) + sw) % pw
     nwh, nww = ph // window, pw // window
@@ -130,8 +131,12 @@ def window_layout(
     gather = torch.where((r < h) & (c < w), r * w + c, h * w).flatten()
     # Padding slots all hold the largest index h*w, so a stable sort lists the real tokens first, in order.
     scatter = torch.argsort(gather, stable=True)[: h * w]
-    mask = shift_region_mask(ph, pw, window, sh, sw).unsqueeze(1).to(device) if sh or sw else None
-    return WindowLayout(gather.to(device), scatter.to(device), mask, ph != h or pw != w)
+    if traced:
+        needs_mask, padded = shift > 0, True
+    else:
+        needs_mask, padded = bool(sh or sw), bool(ph != h or pw != w)
+    mask = shift_region_mask(ph, pw, window, sh, sw).unsqueeze(1).to(device) if needs_mask else None
+    return WindowLayout(gather.to(device), scatter.to(device), mask, padded)
 
 
 @functools.lru_cache(maxsize=128)
@@ -183,9 +188,11 @@ class ShiftedWindowAttentionV2(nn.Module):
 
     def layout(self, h: int, w: int, device: torch.device) -> WindowLayout:
         """Window layout of an (h, w) map: cached per (device, size) in eager mode, rebuilt when tracing."""
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            # Built inside the graph, so a trace follows the traced input size instead of freezing it.
-            return window_layout(h, w, self.window, self.shift, device)
+        if torch.jit.is_tracing():
+            # Built inside the graph, so a trace follows the input size instead of freezing it.
+            return window_layout(h, w, self.window, self.shift, device, traced=True)
+        if torch.compiler.is_compiling():
+            return window_layout(h, w, self.window, self.shift, device)  # sizes are static here
         return _cached_window_layout(str(device), h, w, self.window, self.shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +317,7 @@ class SwinV2Features(nn.Module):
     """Swin Transformer V2 feature stages (``features.0..7``) without final norm/head; NHWC outputs.
 
     ``forward`` returns the four stage outputs (B, H/4, W/4, D), (B, H/8, W/8, 2D), ..., (B, H/32, W/32, 8D).
-    ``stage(k)`` gives the modules of stage k (1-based): patch embedding or merging, then the blocks.
+    Stage k (1-based) is ``features[2k-2]`` (patch embedding or merging) then ``features[2k-1]`` (blocks).
     """
 
     def __init__(
@@ -361,10 +368,6 @@ class SwinV2Features(nn.Module):
             elif isinstance(m, ShiftedWindowAttentionV2):
                 with torch.no_grad():
                     m.logit_scale.fill_(math.log(10.0))
-
-    def stage(self, k: int) -> nn.Sequential:
-        """Stage k in 1..4 as one Sequential over NHWC: features[2k-2] (embed/merge) then features[2k-1]."""
-        return nn.Sequential(self.features[2 * k - 2], self.features[2 * k - 1])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, C_in, H, W) NCHW image -> four NHWC stage outputs."""
