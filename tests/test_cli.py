@@ -12,7 +12,15 @@ import nibabel as nib
 import pytest
 from hybridseg.cli import COMMANDS, main, normalise_argv
 
-EXPECTED = ["synth_busi", "synth_synapse", "datalist_busi", "datalist_synapse", "convert_transunet"]
+EXPECTED = [
+    "synth_busi",
+    "synth_synapse",
+    "datalist_busi",
+    "datalist_synapse",
+    "convert_transunet",
+    "demo",
+    "bench",
+]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -22,7 +30,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_help_lists_the_five_commands():
+def test_help_lists_every_command():
     result = _run("--help")
     assert result.returncode == 0, result.stderr
     assert sorted(COMMANDS) == sorted(EXPECTED)

@@ -99,3 +99,79 @@ def time_train_step(
             torch.cuda.synchronize()
 
     return summarize(_timed(step, warmup, reps))
+
+
+NETWORKS = {
+    "cfformer_s": ("hybridseg.networks.cfformer", "CFFormer", {"variant": "s"}, 1),
+    "cfformer_b": ("hybridseg.networks.cfformer", "CFFormer", {"variant": "b"}, 1),
+    "cfformer_l": ("hybridseg.networks.cfformer", "CFFormer", {"variant": "l"}, 1),
+    "braunetpp": ("hybridseg.networks.braunetpp", "BRAUNetPP", {"in_channels": 3, "num_classes": 9}, 9),
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_network(name: str) -> tuple[torch.nn.Module, int]:
+    """A freshly initialised network from :data:`NETWORKS` and its number of output classes."""
+    import importlib
+
+    module, cls, kwargs, classes = NETWORKS[name]
+    return getattr(importlib.import_module(module), cls)(**kwargs), classes
+
+
+def bench(
+    networks: tuple[str, ...] | list[str] = ("cfformer_b", "braunetpp"),
+    dtypes: tuple[str, ...] | list[str] = ("fp32", "bf16"),
+    size: int = 224,
+    batch: int = 1,
+    train_batch: int = 2,
+    reps: int = 5,
+    train_reps: int = 3,
+    threads: int | None = None,
+    device: str = "cpu",
+    out: str | None = None,
+) -> list[dict]:
+    """Forward latency (eval, ``batch``) and training-step time (``train_batch``) of each network and dtype.
+
+    Prints one line per setting (median / min / max ms over ``reps`` runs after warm-up) and writes the
+    list as JSON to ``out`` when given. ``threads`` sets ``torch.set_num_threads`` (default: torch's).
+    """
+    import json
+    import platform
+
+    from hybridseg.io import atomic_write_text
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    results = []
+    for name in [networks] if isinstance(networks, str) else networks:
+        model, classes = build_network(name)
+        for dt in [dtypes] if isinstance(dtypes, str) else dtypes:
+            dtype = DTYPES[dt]
+            shape = (batch, 3, size, size)
+            fwd = time_forward(model, shape, dtype=dtype, reps=reps, device=device)
+            train = time_train_step(
+                model, (train_batch, 3, size, size), classes, dtype=dtype, reps=train_reps, device=device
+            )
+            row = {
+                "network": name,
+                "dtype": dt,
+                "size": size,
+                "device": device,
+                "threads": torch.get_num_threads(),
+                "forward_batch": batch,
+                "forward": fwd,
+                "train_batch": train_batch,
+                "train_step": train,
+            }
+            results.append(row)
+            print(
+                f"{name:12s} {dt:5s} {size}px  forward b{batch}: {fwd['median_ms']:8.1f} ms "
+                f"(min {fwd['min_ms']:.1f}, max {fwd['max_ms']:.1f})   train step b{train_batch}: "
+                f"{train['median_ms']:8.1f} ms (min {train['min_ms']:.1f}, max {train['max_ms']:.1f})",
+                flush=True,
+            )
+        del model
+    if out:
+        meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+        atomic_write_text(out, json.dumps({"meta": meta, "results": results}, indent=4) + "\n")
+    return results

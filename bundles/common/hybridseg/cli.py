@@ -6,6 +6,7 @@ import sys
 
 import fire
 
+from hybridseg.bench import bench
 from hybridseg.data.busi import datalist_busi
 from hybridseg.data.synapse import datalist_synapse
 from hybridseg.data.synth_busi import synth_busi
@@ -20,12 +21,22 @@ COMMANDS = {
     "datalist_synapse": datalist_synapse,
     "convert_transunet": convert_transunet,
     "demo": demo,
+    "bench": bench,
 }
 
 # Flags that take several values. fire reads ``--shape 64 64 24`` as ``--shape 64`` plus two stray
 # positional arguments (silently shifting them into other parameters), so such runs are rewritten to
 # ``--shape=[64, 64, 24]`` before fire sees them.
-MULTI_VALUE_FLAGS = ("--shape", "--split", "--classes", "--test_cases", "--test-cases", "--synapse_shape")
+MULTI_VALUE_FLAGS = (
+    "--shape",
+    "--split",
+    "--classes",
+    "--test_cases",
+    "--test-cases",
+    "--synapse_shape",
+    "--networks",
+    "--dtypes",
+)
 
 
 def _literal(token: str) -> int | float | str:
