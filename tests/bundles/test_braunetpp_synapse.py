@@ -165,3 +165,36 @@ def test_inference_bad_volume_fails_naming_the_file(trained, tmp_path, make, pro
         )
     text = error_text(info.value)
     assert problem in text and "bad.nii.gz" in text
+
+
+def _write_dicom_series(folder, volume_zyx: np.ndarray) -> None:
+    """A CT series of 2D DICOM slices written with ITK (GDCM), one file per axial slice."""
+    import itk
+
+    folder.mkdir(parents=True)
+    image = itk.image_from_array(volume_zyx.astype(np.int16))
+    writer = itk.ImageSeriesWriter[itk.Image[itk.SS, 3], itk.Image[itk.SS, 2]].New()
+    writer.SetInput(image)
+    writer.SetImageIO(itk.GDCMImageIO.New())
+    writer.SetFileNames([str(folder / f"slice{i:03d}.dcm") for i in range(volume_zyx.shape[0])])
+    writer.Update()
+
+
+def test_inference_reads_a_dicom_series_folder_and_writes_its_grid(trained, synapse_dir, tmp_path):
+    ct = np.asarray(nib.load(sorted((synapse_dir / "img").glob("*.nii.gz"))[0]).dataobj)  # (x, y, z) HU
+    _write_dicom_series(tmp_path / "in" / "series1", ct.transpose(2, 1, 0))
+    out = tmp_path / "out"
+    run_workflow(
+        "infer",
+        FILES["inference"],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        input_dir=str(tmp_path / "in"),
+        output_dir=str(out),
+        ckpt_path=str(trained / "models" / "model.pt"),
+        image_size=[64, 64],
+        n_win=4,
+    )
+    seg = nib.load(out / "series1_seg.nii.gz")
+    assert seg.shape == ct.shape
+    assert json.loads((out / "series1_seg.json").read_text())["source"].endswith("series1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import fire
@@ -14,6 +15,17 @@ from hybridseg.data.synth_synapse import synth_synapse
 from hybridseg.data.transunet import convert_transunet
 from hybridseg.demo import demo
 
+
+def _quiet(fn):
+    """The command without its return value, which fire would print after the command's own output."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        fn(*args, **kwargs)
+
+    return run
+
+
 COMMANDS = {
     "synth_busi": synth_busi,
     "synth_synapse": synth_synapse,
@@ -21,7 +33,7 @@ COMMANDS = {
     "datalist_synapse": datalist_synapse,
     "convert_transunet": convert_transunet,
     "demo": demo,
-    "bench": bench,
+    "bench": _quiet(bench),
 }
 
 # Flags that take several values. fire reads ``--shape 64 64 24`` as ``--shape 64`` plus two stray

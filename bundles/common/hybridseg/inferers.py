@@ -85,7 +85,8 @@ class ResizedSliceInferer(Inferer):
         if inputs.ndim != 5:
             raise ValueError(f"expected a volume batch (B, C, H, W, D), got shape {tuple(inputs.shape)}")
         b, c, h, w, d = inputs.shape
-        x = torch.as_tensor(inputs)  # plain tensor: metadata is not needed slice by slice
+        # a plain tensor: slicing a batched MetaTensor would try to split its metadata per slice
+        x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
         out: torch.Tensor | None = None
         amp = (
             torch.autocast(x.device.type, dtype=self.dtype)
@@ -113,8 +114,6 @@ class ResizedSliceInferer(Inferer):
                 out = torch.empty((b, res.shape[1], h, w, d), dtype=res.dtype, device=res.device)
             out[..., start:stop] = res
         assert out is not None
-        if hasattr(inputs, "meta"):
-            from monai.data import MetaTensor
-
+        if isinstance(inputs, MetaTensor):
             out = MetaTensor(out, meta=inputs.meta, applied_operations=list(inputs.applied_operations))
         return out

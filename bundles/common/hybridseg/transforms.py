@@ -57,7 +57,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         if path.is_dir():
             from monai.data import ITKReader
 
-            reader = ITKReader(reverse_indexing=True)
+            reader = ITKReader()  # array axes (x, y, z) as nibabel gives them; RAS affine
             img = reader.read(str(path))
             arr, meta = reader.get_data(img)
             affine = np.asarray(meta["affine"], dtype=np.float64)
