@@ -45,6 +45,33 @@ def run_workflow(workflow_type: str, config_file, meta_file: str, logging_file: 
     return wf
 
 
+def train_then_evaluate(bundle: str, dataset_dir: Path, work: Path, **overrides) -> Path:
+    """Train with ``train.json``, then evaluate with ``[train.json, evaluate.json]`` as the zoo's tests do.
+
+    Checkpoints go to ``work/models``, training outputs to ``work/eval``, test-set outputs to
+    ``work/test_eval``.
+    """
+    files = bundle_files(bundle)
+    common = dict(dataset_dir=str(dataset_dir), ckpt_dir=str(work / "models"), **overrides)
+    run_workflow(
+        "train",
+        files["train"],
+        files["meta_file"],
+        files["logging_file"],
+        output_dir=str(work / "eval"),
+        **common,
+    )
+    run_workflow(
+        "train",
+        [files["train"], files["evaluate"]],
+        files["meta_file"],
+        files["logging_file"],
+        output_dir=str(work / "test_eval"),
+        **common,
+    )
+    return work
+
+
 @pytest.fixture(scope="session")
 def busi_dir(tmp_path_factory) -> Path:
     """A tiny BUSI-like set (24 images of 96 px) with its datalist, made once per session."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundles.conftest import bundle_files, error_text, run_workflow
+from tests.bundles.conftest import bundle_files, error_text, run_workflow, train_then_evaluate
 
 FILES = bundle_files("braunetpp_synapse")
 # CPU-sized: 64 px slices (n_win 4 divides the 16/8/4 maps), 2 iterations per epoch.
@@ -29,16 +29,9 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def trained(synapse_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("braunetpp_run")
-    common = dict(
-        dataset_dir=str(synapse_dir), ckpt_dir=str(work / "models"), output_dir=str(work / "eval"), **TINY
+    return train_then_evaluate(
+        "braunetpp_synapse", synapse_dir, tmp_path_factory.mktemp("braunetpp_run"), **TINY
     )
-    run_workflow("train", FILES["train"], FILES["meta_file"], FILES["logging_file"], **common)
-    common["output_dir"] = str(work / "test_eval")
-    run_workflow(
-        "train", [FILES["train"], FILES["evaluate"]], FILES["meta_file"], FILES["logging_file"], **common
-    )
-    return work
 
 
 def test_training_writes_checkpoints_and_logs(trained):

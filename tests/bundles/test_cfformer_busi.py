@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.bundles.conftest import bundle_files, error_text, run_workflow
+from tests.bundles.conftest import bundle_files, error_text, run_workflow, train_then_evaluate
 
 FILES = bundle_files("cfformer_busi")
 # CPU-sized settings: smallest variant, 64 px, one epoch of batch 2.
@@ -29,16 +29,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def trained(busi_dir, tmp_path_factory):
     """Train one epoch, then evaluate on the test split; returns the output folders."""
-    work = tmp_path_factory.mktemp("cfformer_run")
-    common = dict(
-        dataset_dir=str(busi_dir), ckpt_dir=str(work / "models"), output_dir=str(work / "eval"), **TINY
-    )
-    run_workflow("train", FILES["train"], FILES["meta_file"], FILES["logging_file"], **common)
-    common["output_dir"] = str(work / "test_eval")
-    run_workflow(
-        "train", [FILES["train"], FILES["evaluate"]], FILES["meta_file"], FILES["logging_file"], **common
-    )
-    return work
+    return train_then_evaluate("cfformer_busi", busi_dir, tmp_path_factory.mktemp("cfformer_run"), **TINY)
 
 
 def test_training_writes_best_and_last_checkpoints_and_logs(trained):
