@@ -59,6 +59,7 @@ def collect_inputs(
     output_dir: str | os.PathLike | None = None,
     check: str | None = None,
     series_dirs: bool = False,
+    allow_output_in_input_dir: bool = False,
 ) -> list[dict[str, str]]:
     """Turn a folder, a file or a list of files into ``[{"image": path}, ...]`` for inference.
 
@@ -66,7 +67,8 @@ def collect_inputs(
     suffix, an output folder equal to an input folder (outputs never land next to inputs), or, with
     ``check="2d"`` / ``"3d"``, any file that cannot be read completely as a 2D image / 3D volume.
     With ``series_dirs``, a folder holding ``.dcm`` files is one DICOM series, and so is each such
-    sub-folder of a given folder.
+    sub-folder of a given folder. ``allow_output_in_input_dir`` lets outputs go into an input folder when a
+    user asks for it (outputs have their own suffixes and never replace an input file).
     """
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not items:
@@ -90,7 +92,11 @@ def collect_inputs(
             if not found:
                 raise InputDataError(p, f"folder contains no input images ({', '.join(suffixes)})")
             files.extend(found)
-            if output_dir is not None and Path(output_dir).resolve() == p.resolve():
+            if (
+                not allow_output_in_input_dir
+                and output_dir is not None
+                and Path(output_dir).resolve() == p.resolve()
+            ):
                 raise InputDataError(output_dir, "the output folder is an input folder; choose another")
         elif p.is_file():
             if not p.name.lower().endswith(suffixes):

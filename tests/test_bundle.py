@@ -1,0 +1,45 @@
+"""Helpers the bundle configs call: bundle location, inference inputs, learning-rate schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hybridseg.bundle import bundle_root, collect_inputs, warmup_poly_lambda
+from hybridseg.io import InputDataError
+from PIL import Image
+
+from tests.reference import REPO_ROOT
+
+
+def test_bundle_root_is_found_from_the_repository_root_and_from_the_bundle_folder(monkeypatch):
+    for cwd in (
+        REPO_ROOT,
+        REPO_ROOT / "bundles" / "cfformer_busi",
+        REPO_ROOT / "bundles" / "braunetpp_synapse",
+    ):
+        monkeypatch.chdir(cwd)
+        assert bundle_root("cfformer_busi") == str(REPO_ROOT / "bundles" / "cfformer_busi")
+        assert bundle_root("braunetpp_synapse") == str(REPO_ROOT / "bundles" / "braunetpp_synapse")
+
+
+def test_inference_outputs_go_into_an_input_folder_only_when_asked(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(InputDataError, match="the output folder is an input folder"):
+        collect_inputs(tmp_path, [".png"], output_dir=tmp_path)
+    items = collect_inputs(tmp_path, [".png"], output_dir=tmp_path, allow_output_in_input_dir=True)
+    assert items == [{"image": str(tmp_path / "a.png")}]
+
+
+def test_inputs_whose_outputs_would_collide_are_refused(tmp_path):
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / sub / "a.png")
+    with pytest.raises(InputDataError, match="same output name"):
+        collect_inputs([tmp_path / "x" / "a.png", tmp_path / "y" / "a.png"], [".png"])
+
+
+def test_warmup_then_poly_schedule():
+    f = warmup_poly_lambda(total=130, warmup=10, power=0.9)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(130) == 0.0
+    assert f(70) == pytest.approx(0.5**0.9)
