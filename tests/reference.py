@@ -73,3 +73,11 @@ def crc32_state_dict(keys: list, aliases: dict[str, str] | None = None) -> dict[
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """The fixtures' rule for submodules, backbones and intermediates: max|d| <= 2e-5 * max(1, max|ref|)."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    tol = 2e-5 * max(1.0, ref.abs().max().item())
+    diff = max_abs_diff(ours, ref)
+    assert diff <= tol, f"{what}: max|d| = {diff:.3g} > {tol:.3g}"

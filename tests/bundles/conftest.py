@@ -45,6 +45,18 @@ def run_workflow(workflow_type: str, config_file, meta_file: str, logging_file: 
     return wf
 
 
+def train_config(bundle: str, **overrides):
+    """The bundle's train.json and metadata parsed with ``overrides``, for tests that drive its parts."""
+    from monai.bundle import ConfigParser
+
+    files = bundle_files(bundle)
+    parser = ConfigParser()
+    parser.read_config(files["train"])
+    parser.read_meta(files["meta_file"])
+    parser.update(overrides)
+    return parser
+
+
 def train_then_evaluate(bundle: str, dataset_dir: Path, work: Path, **overrides) -> Path:
     """Train with ``train.json``, then evaluate with ``[train.json, evaluate.json]`` as the zoo's tests do.
 

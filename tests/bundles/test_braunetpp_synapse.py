@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundles.conftest import bundle_files, error_text, run_workflow, train_then_evaluate
+from tests.bundles.conftest import bundle_files, error_text, run_workflow, train_config, train_then_evaluate
 
-FILES = bundle_files("braunetpp_synapse")
+FILES = {**bundle_files("braunetpp_synapse"), "bundle": "braunetpp_synapse"}
 # CPU-sized: 64 px slices (n_win 4 divides the 16/8/4 maps), 2 iterations per epoch.
 TINY = {
     "image_size": [64, 64],
@@ -90,20 +90,16 @@ def test_inference_writes_label_volume_on_the_input_grid(trained, synapse_dir, t
 
 
 def test_training_on_a_tiny_set_lowers_the_loss(synapse_dir, tmp_path):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(FILES["train"])
-    parser.read_meta(FILES["meta_file"])
-    parser.update(
-        {
+    parser = train_config(
+        FILES["bundle"],
+        **{
             **TINY,
             "dataset_dir": str(synapse_dir),
             "ckpt_dir": str(tmp_path / "m"),
             "output_dir": str(tmp_path / "e"),
             "epoch_length": 6,
             "learning_rate": 0.01,
-        }
+        },
     )
     parser["train#handlers"] = parser["train#handlers"][:1]  # just the LR schedule
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.bundles.conftest import bundle_files, error_text, run_workflow, train_then_evaluate
+from tests.bundles.conftest import bundle_files, error_text, run_workflow, train_config, train_then_evaluate
 
-FILES = bundle_files("cfformer_busi")
+FILES = {**bundle_files("cfformer_busi"), "bundle": "cfformer_busi"}
 # CPU-sized settings: smallest variant, 64 px, one epoch of batch 2.
 TINY = {
     "variant": "s",
@@ -134,19 +134,15 @@ def test_inference_refuses_3d_nifti_where_2d_is_expected(trained, tmp_path):
 
 def test_one_training_epoch_lowers_the_loss(busi_dir, tmp_path):
     """Learning, not just running: the loss over the training images drops after one epoch."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(FILES["train"])
-    parser.read_meta(FILES["meta_file"])
-    parser.update(
-        {
+    parser = train_config(
+        FILES["bundle"],
+        **{
             **TINY,
             "dataset_dir": str(busi_dir),
             "ckpt_dir": str(tmp_path / "m"),
             "output_dir": str(tmp_path / "e"),
             "learning_rate": 1e-3,
-        }
+        },
     )
     parser["train#handlers"] = parser["train#handlers"][:1]  # just the LR schedule: no validation, no files
     torch.manual_seed(0)

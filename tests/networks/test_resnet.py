@@ -14,17 +14,9 @@ from hybridseg.networks.resnet import (
     resnet34_state_dict_from_torchvision,
 )
 
-from tests.reference import crc32_state_dict, load_fixture, max_abs_diff
+from tests.reference import assert_close, crc32_state_dict, load_fixture, max_abs_diff
 
 NET = "cfformer"
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """The README's rule for backbone outputs: max|d| <= 2e-5 * max(1, max|ref|)."""
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    tol = 2e-5 * max(1.0, ref.abs().max().item())
-    diff = max_abs_diff(ours, ref)
-    assert diff <= tol, f"{what}: max|d| = {diff:.3g} > {tol:.3g}"
 
 
 def meta_model(in_channels: int = 3) -> ResNet34Features:
