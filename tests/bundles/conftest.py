@@ -45,6 +45,21 @@ def run_workflow(workflow_type: str, config_file, meta_file: str, logging_file: 
     return wf
 
 
+def infer(bundle: str, input_dir: Path, output_dir: Path, ckpt_path: Path, **overrides):
+    """Run the bundle's inference.json on ``input_dir`` with a given checkpoint."""
+    files = bundle_files(bundle)
+    return run_workflow(
+        "infer",
+        files["inference"],
+        files["meta_file"],
+        files["logging_file"],
+        input_dir=str(input_dir),
+        output_dir=str(output_dir),
+        ckpt_path=str(ckpt_path),
+        **overrides,
+    )
+
+
 def train_config(bundle: str, **overrides):
     """The bundle's train.json and metadata parsed with ``overrides``, for tests that drive its parts."""
     from monai.bundle import ConfigParser

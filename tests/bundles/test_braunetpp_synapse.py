@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundles.conftest import bundle_files, error_text, run_workflow, train_config, train_then_evaluate
+from tests.bundles.conftest import bundle_files, error_text, infer, train_config, train_then_evaluate
 
 FILES = {**bundle_files("braunetpp_synapse"), "bundle": "braunetpp_synapse"}
 # CPU-sized: 64 px slices (n_win 4 divides the 16/8/4 maps), 2 iterations per epoch.
@@ -68,17 +68,7 @@ def test_inference_writes_label_volume_on_the_input_grid(trained, synapse_dir, t
     inputs.mkdir()
     (inputs / src.name).write_bytes(src.read_bytes())
     out = tmp_path / "out"
-    run_workflow(
-        "infer",
-        FILES["inference"],
-        FILES["meta_file"],
-        FILES["logging_file"],
-        input_dir=str(inputs),
-        output_dir=str(out),
-        ckpt_path=str(trained / "models" / "model.pt"),
-        image_size=[64, 64],
-        n_win=4,
-    )
+    infer(FILES["bundle"], inputs, out, trained / "models" / "model.pt", image_size=[64, 64], n_win=4)
     stem = src.name[: -len(".nii.gz")]
     seg = nib.load(out / f"{stem}_seg.nii.gz")
     ref = nib.load(src)
@@ -141,14 +131,11 @@ def test_inference_bad_volume_fails_naming_the_file(trained, tmp_path, make, pro
     arr = np.zeros((32, 32), np.int16) if make == "2d" else np.full((32, 32, 8), np.nan, np.float32)
     nib.save(nib.Nifti1Image(arr, np.eye(4)), str(inputs / "bad.nii.gz"))
     with pytest.raises(Exception) as info:
-        run_workflow(
-            "infer",
-            FILES["inference"],
-            FILES["meta_file"],
-            FILES["logging_file"],
-            input_dir=str(inputs),
-            output_dir=str(tmp_path / "out"),
-            ckpt_path=str(trained / "models" / "model.pt"),
+        infer(
+            FILES["bundle"],
+            inputs,
+            tmp_path / "out",
+            trained / "models" / "model.pt",
             image_size=[64, 64],
             n_win=4,
         )
@@ -173,16 +160,8 @@ def test_inference_reads_a_dicom_series_folder_and_writes_its_grid(trained, syna
     ct = np.asarray(nib.load(sorted((synapse_dir / "img").glob("*.nii.gz"))[0]).dataobj)  # (x, y, z) HU
     _write_dicom_series(tmp_path / "in" / "series1", ct.transpose(2, 1, 0))
     out = tmp_path / "out"
-    run_workflow(
-        "infer",
-        FILES["inference"],
-        FILES["meta_file"],
-        FILES["logging_file"],
-        input_dir=str(tmp_path / "in"),
-        output_dir=str(out),
-        ckpt_path=str(trained / "models" / "model.pt"),
-        image_size=[64, 64],
-        n_win=4,
+    infer(
+        FILES["bundle"], tmp_path / "in", out, trained / "models" / "model.pt", image_size=[64, 64], n_win=4
     )
     seg = nib.load(out / "series1_seg.nii.gz")
     assert seg.shape == ct.shape

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.bundles.conftest import bundle_files, error_text, run_workflow, train_config, train_then_evaluate
+from tests.bundles.conftest import bundle_files, error_text, infer, train_config, train_then_evaluate
 
 FILES = {**bundle_files("cfformer_busi"), "bundle": "cfformer_busi"}
 # CPU-sized settings: smallest variant, 64 px, one epoch of batch 2.
@@ -61,17 +61,7 @@ def test_inference_writes_masks_at_each_input_size(trained, busi_dir, tmp_path):
     Image.fromarray(np.full((80, 112), 90, np.uint8)).save(inputs / "gray.png")
     Image.fromarray(np.full((70, 50, 3), 120, np.uint8)).save(inputs / "rgb.png")
     out = tmp_path / "out"
-    run_workflow(
-        "infer",
-        FILES["inference"],
-        FILES["meta_file"],
-        FILES["logging_file"],
-        input_dir=str(inputs),
-        output_dir=str(out),
-        ckpt_path=str(trained / "models" / "model.pt"),
-        variant="s",
-        image_size=[64, 64],
-    )
+    infer(FILES["bundle"], inputs, out, trained / "models" / "model.pt", variant="s", image_size=[64, 64])
     assert np.asarray(Image.open(out / "gray_mask.png")).shape == (80, 112)
     assert np.asarray(Image.open(out / "rgb_mask.png")).shape == (70, 50)
     assert set(np.unique(np.asarray(Image.open(out / "gray_mask.png")))) <= {0, 255}
@@ -96,17 +86,7 @@ def test_inference_bad_input_fails_naming_the_file_and_writes_nothing(trained, t
     make_bad(inputs)
     out = tmp_path / "out"
     with pytest.raises(Exception) as info:
-        run_workflow(
-            "infer",
-            FILES["inference"],
-            FILES["meta_file"],
-            FILES["logging_file"],
-            input_dir=str(inputs),
-            output_dir=str(out),
-            ckpt_path=str(trained / "models" / "model.pt"),
-            variant="s",
-            image_size=[64, 64],
-        )
+        infer(FILES["bundle"], inputs, out, trained / "models" / "model.pt", variant="s", image_size=[64, 64])
     assert problem in error_text(info.value)
     assert not out.exists() or not any(out.rglob("*")), "partial outputs were written"
 
@@ -118,14 +98,11 @@ def test_inference_refuses_3d_nifti_where_2d_is_expected(trained, tmp_path):
     inputs.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), np.float32), np.eye(4)), str(inputs / "vol.nii.gz"))
     with pytest.raises(Exception) as info:
-        run_workflow(
-            "infer",
-            FILES["inference"],
-            FILES["meta_file"],
-            FILES["logging_file"],
-            input_dir=str(inputs),
-            output_dir=str(tmp_path / "out"),
-            ckpt_path=str(trained / "models" / "model.pt"),
+        infer(
+            FILES["bundle"],
+            inputs,
+            tmp_path / "out",
+            trained / "models" / "model.pt",
             variant="s",
             image_size=[64, 64],
         )

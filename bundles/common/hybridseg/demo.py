@@ -45,6 +45,35 @@ def _bundle_cmd(bundle: str, configs: list[str], **overrides: object) -> list[st
     return cmd
 
 
+def _train_evaluate_infer(bundle: str, data: Path, work: Path, n_infer: int, times: dict, log: Path) -> None:
+    """Train (quick settings), evaluate on the test split, infer on copies of ``n_infer`` test inputs."""
+    common = dict(dataset_dir=data, ckpt_dir=work / "models")
+    times["train"] = _run(
+        _bundle_cmd(bundle, ["train.json", "quick.json"], output_dir=work / "train", **common), log
+    )
+    times["evaluate"] = _run(
+        _bundle_cmd(
+            bundle, ["train.json", "quick.json", "evaluate.json"], output_dir=work / "test", **common
+        ),
+        log,
+    )
+    test = json.loads((data / "datalist.json").read_text())["test"][:n_infer]
+    samples = work / "inference_inputs"
+    samples.mkdir(parents=True, exist_ok=True)
+    for t in test:  # copies, so the demo's inference never writes near the data set
+        shutil.copy(data / t["image"], samples / Path(t["image"]).name)
+    times["infer"] = _run(
+        _bundle_cmd(
+            bundle,
+            ["inference.json", "quick.json"],
+            input_dir=samples,
+            output_dir=work / "inference",
+            ckpt_path=work / "models" / "model.pt",
+        ),
+        log,
+    )
+
+
 def demo_busi(out: Path, n: int, size: int, log: Path) -> dict:
     data, work = out / "busi" / "Dataset_BUSI_with_GT", out / "busi" / "run"
     py = [sys.executable, "-m", "hybridseg"]
@@ -55,31 +84,7 @@ def demo_busi(out: Path, n: int, size: int, log: Path) -> dict:
     times["datalist"] = _run(
         py + ["datalist_busi", "--root", str(data), "--out", str(data / "datalist.json")], log
     )
-    common = dict(dataset_dir=data, ckpt_dir=work / "models")
-    times["train"] = _run(
-        _bundle_cmd("cfformer_busi", ["train.json", "quick.json"], output_dir=work / "train", **common), log
-    )
-    times["evaluate"] = _run(
-        _bundle_cmd(
-            "cfformer_busi", ["train.json", "quick.json", "evaluate.json"], output_dir=work / "test", **common
-        ),
-        log,
-    )
-    test = json.loads((data / "datalist.json").read_text())["test"][:4]
-    samples = work / "inference_inputs"
-    samples.mkdir(parents=True, exist_ok=True)
-    for t in test:  # copies, so the demo's inference never writes near the data set
-        shutil.copy(data / t["image"], samples / Path(t["image"]).name)
-    times["infer"] = _run(
-        _bundle_cmd(
-            "cfformer_busi",
-            ["inference.json", "quick.json"],
-            input_dir=samples,
-            output_dir=work / "inference",
-            ckpt_path=work / "models" / "model.pt",
-        ),
-        log,
-    )
+    _train_evaluate_infer("cfformer_busi", data, work, 4, times, log)
     return {
         "work": work,
         "times": times,
@@ -101,34 +106,7 @@ def demo_synapse(out: Path, n: int, shape: tuple[int, int, int], log: Path) -> d
         + ["datalist_synapse", "--root", str(data), "--out", str(data / "datalist.json"), "--num_val", "1"],
         log,
     )
-    common = dict(dataset_dir=data, ckpt_dir=work / "models")
-    times["train"] = _run(
-        _bundle_cmd("braunetpp_synapse", ["train.json", "quick.json"], output_dir=work / "train", **common),
-        log,
-    )
-    times["evaluate"] = _run(
-        _bundle_cmd(
-            "braunetpp_synapse",
-            ["train.json", "quick.json", "evaluate.json"],
-            output_dir=work / "test",
-            **common,
-        ),
-        log,
-    )
-    first = json.loads((data / "datalist.json").read_text())["test"][0]
-    samples = work / "inference_inputs"
-    samples.mkdir(parents=True, exist_ok=True)
-    shutil.copy(data / first["image"], samples / Path(first["image"]).name)
-    times["infer"] = _run(
-        _bundle_cmd(
-            "braunetpp_synapse",
-            ["inference.json", "quick.json"],
-            input_dir=samples,
-            output_dir=work / "inference",
-            ckpt_path=work / "models" / "model.pt",
-        ),
-        log,
-    )
+    _train_evaluate_infer("braunetpp_synapse", data, work, 1, times, log)
     return {
         "work": work,
         "times": times,
