@@ -14,6 +14,8 @@ from hybridseg.data.synth_busi import synth_busi
 from hybridseg.data.synth_synapse import synth_synapse
 from hybridseg.data.transunet import convert_transunet
 from hybridseg.demo import demo
+from hybridseg.export import export
+from hybridseg.package import package
 
 
 def _quiet(fn):
@@ -34,6 +36,8 @@ COMMANDS = {
     "convert_transunet": convert_transunet,
     "demo": demo,
     "bench": _quiet(bench),
+    "export": _quiet(export),
+    "package": _quiet(package),
 }
 
 # Flags that take several values. fire reads ``--shape 64 64 24`` as ``--shape 64`` plus two stray
@@ -48,6 +52,7 @@ MULTI_VALUE_FLAGS = (
     "--synapse_shape",
     "--networks",
     "--dtypes",
+    "--input_shape",
 )
 
 

@@ -128,9 +128,13 @@ def window_layout(
     nwh, nww = ph // window, pw // window
     r = rows.view(nwh, 1, window, 1).expand(nwh, nww, window, window)
     c = cols.view(1, nww, 1, window).expand(nwh, nww, window, window)
-    gather = torch.where((r < h) & (c < w), r * w + c, h * w).flatten()
-    # Padding slots all hold the largest index h*w, so a stable sort lists the real tokens first, in order.
-    scatter = torch.argsort(gather, stable=True)[: h * w]
+    real = (r < h) & (c < w)
+    gather = torch.where(real, r * w + c, h * w).flatten()
+    # Inverse permutation by a scatter (not a stable argsort, which the ONNX exporter cannot convert):
+    # padding slots get distinct keys past h*w, so every key is unique and the first h*w are the tokens.
+    slots = torch.arange(ph * pw)
+    keys = torch.where(real.flatten(), gather, h * w + slots)
+    scatter = torch.zeros(h * w + ph * pw, dtype=torch.long).scatter_(0, keys, slots)[: h * w]
     if traced:
         needs_mask, padded = shift > 0, True
     else:

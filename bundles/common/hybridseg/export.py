@@ -1,0 +1,255 @@
+"""Exports of a bundle's network: TorchScript through MONAI's ``ckpt_export`` and ONNX checked in onnxruntime.
+
+TorchScript is made by tracing: ``torch.jit.script`` fails on both networks (type annotations such as
+``list[nn.Module]`` in the ResNet, a variable that is None or a tensor in bi-level routing attention), and
+``ckpt_export --use_trace True`` is what the Model Zoo documents for such networks. The file carries the
+bundle's ``metadata.json`` and ``inference.json`` under ``extra/``, as the MONAI Deploy operator expects.
+
+ONNX uses torch's TorchScript-based exporter (``dynamo=False``): it follows the same trace, which the
+networks are written to keep size-independent (Swin window layouts are built from traced sizes), so the
+exported graph takes other input sizes. The dynamo exporter (torch 2.13's default) failed to decompose
+CFFormer (a ``view`` on a non-contiguous tensor) after more than two minutes on 2 cores.
+
+Input sizes a traced/exported network accepts besides its export size:
+* CFFormer: any H, W that are multiples of 32.
+* BRAU-Net++: sizes with the same bi-level routing padding pattern as the export size, because the
+  decision to pad a map to a multiple of ``n_win`` is a Python branch frozen by the trace. Exported at
+  224 with ``n_win`` 7 (maps 56, 28, 14, 7 are multiples of 7), it runs at multiples of 224 (448, ...);
+  other sizes need an export at that size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybridseg.io import InputDataError, atomic_path
+
+log = logging.getLogger("hybridseg.export")
+
+# Names of the network's input and output: the keys of network_data_format (and of the Deploy operator's
+# IOMapping), so exported graphs say what they take.
+INPUT_NAME, OUTPUT_NAME = "image", "pred"
+ONNX_OPSET = 18  # ONNX 1.23 / onnxruntime 1.31 support it; the TorchScript-based exporter goes up to 20
+
+
+def bundle_config_files(bundle: str | os.PathLike) -> tuple[Path, Path]:
+    """``(configs/inference.json, configs/metadata.json)`` of a bundle folder; a clear error if missing."""
+    root = Path(bundle)
+    files = root / "configs" / "inference.json", root / "configs" / "metadata.json"
+    for f in files:
+        if not f.is_file():
+            raise InputDataError(
+                f, "missing: not a bundle folder (needs configs/inference.json and metadata.json)"
+            )
+    return files
+
+
+def bundle_parser(bundle: str | os.PathLike, **overrides: Any):
+    """The bundle's inference.json with its metadata and ``overrides``; ``bundle_root`` is ``bundle``."""
+    from monai.bundle import ConfigParser
+
+    config, meta = bundle_config_files(bundle)
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.read_meta(str(meta))
+    parser.update({"bundle_root": str(Path(bundle).resolve()), **overrides})
+    return parser
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A network state dict from a bundle checkpoint: a state dict, or a dict holding one under "model"."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputDataError(path, f"cannot be read as a PyTorch checkpoint ({e})") from e
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InputDataError(path, "is not a state dict (nor a dict with one under 'model')")
+    return sd
+
+
+def build_network(
+    bundle: str | os.PathLike, ckpt_file: str | os.PathLike | None = None, **overrides: Any
+) -> torch.nn.Module:
+    """The bundle's ``network_def`` on the CPU in eval mode, with the checkpoint's weights when given."""
+    net = bundle_parser(bundle, **overrides).get_parsed_content("network_def")
+    if ckpt_file is not None:
+        try:
+            net.load_state_dict(load_state_dict(ckpt_file))
+        except RuntimeError as e:
+            raise InputDataError(ckpt_file, f"does not fit the bundle's network ({e})") from e
+    return net.cpu().eval()
+
+
+def example_input_shape(bundle: str | os.PathLike, **overrides: Any) -> list[int]:
+    """``[1, C, H, W]``: channels from network_data_format, size from the config's ``image_size``."""
+    parser = bundle_parser(bundle, **overrides)
+    channels = parser["_meta_"]["network_data_format"]["inputs"][INPUT_NAME]["num_channels"]
+    size = parser.get_parsed_content("image_size") if "image_size" in parser else None
+    if size is None:
+        size = parser["_meta_"]["network_data_format"]["inputs"][INPUT_NAME]["spatial_shape"]
+    return [1, int(channels), *(int(s) for s in size)]
+
+
+def _example(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def export_torchscript(
+    bundle: str | os.PathLike,
+    filepath: str | os.PathLike,
+    ckpt_file: str | os.PathLike,
+    input_shape: Sequence[int] | None = None,
+    **overrides: Any,
+) -> Path:
+    """Trace the bundle's network with its weights from ``ckpt_file`` (MONAI's ``ckpt_export``) into
+    ``filepath``, written atomically. ``overrides`` are config overrides (e.g. ``variant="s"``)."""
+    from monai.bundle import ckpt_export
+
+    config, meta = bundle_config_files(bundle)
+    shape = list(input_shape) if input_shape else example_input_shape(bundle, **overrides)
+    filepath = Path(filepath)
+    if Path(ckpt_file).resolve() == filepath.resolve():
+        raise InputDataError(filepath, "is the checkpoint being exported; choose another output path")
+    # MONAI loads the weights non-strictly; a strict load first gives a clear error for a wrong checkpoint.
+    build_network(bundle, ckpt_file, **overrides)
+    raw = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    key = "model" if isinstance(raw.get("model"), dict) else ""
+    with atomic_path(filepath) as out:
+        ckpt_export(
+            key_in_ckpt=key,
+            net_id="network_def",
+            filepath=str(out),
+            ckpt_file=str(ckpt_file),
+            meta_file=str(meta),
+            config_file=str(config),
+            use_trace=True,
+            input_shape=shape,
+            bundle_root=str(Path(bundle).resolve()),
+            **overrides,
+        )
+    return filepath
+
+
+def compare_torchscript(
+    ts_file: str | os.PathLike, network: torch.nn.Module, shapes: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    """Reload ``ts_file`` with ``torch.jit.load`` and compare it with the eager ``network`` on random inputs.
+
+    Raises AssertionError (torch's float32 tolerances) on a mismatch; returns the max abs difference
+    per shape.
+    """
+    ts = torch.jit.load(str(ts_file), map_location="cpu").eval()
+    network = network.cpu().eval()
+    diffs = {}
+    with torch.no_grad():
+        for i, shape in enumerate(shapes):
+            x = _example(shape, seed=i)
+            ref, got = network(x), ts(x)
+            torch.testing.assert_close(got, ref, msg=lambda m, s=shape: f"TorchScript differs at {s}: {m}")
+            diffs[str(list(shape))] = float((got - ref).abs().max())
+    return diffs
+
+
+def export_onnx(
+    bundle: str | os.PathLike,
+    filepath: str | os.PathLike,
+    ckpt_file: str | os.PathLike | None = None,
+    input_shape: Sequence[int] | None = None,
+    check_shapes: Sequence[Sequence[int]] = (),
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    **overrides: Any,
+) -> dict[str, float]:
+    """Export the network to ONNX (batch, H and W dynamic) and check it in onnxruntime against eager torch.
+
+    The export input is ``input_shape`` (default ``[1, C, *image_size]``); the parity check runs on it and
+    on every ``check_shapes``. A mismatch beyond ``atol + rtol * max|eager|`` raises AssertionError and
+    leaves no file. Returns the max abs difference per checked shape.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    net = build_network(bundle, ckpt_file, **overrides)
+    shape = list(input_shape) if input_shape else example_input_shape(bundle, **overrides)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    diffs: dict[str, float] = {}
+    with atomic_path(filepath) as out, torch.no_grad():
+        torch.onnx.export(
+            net,
+            (_example(shape),),
+            str(out),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+        )
+        onnx.checker.check_model(str(out))
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        for i, s in enumerate([shape, *check_shapes]):
+            x = _example(s, seed=i)
+            ref = net(x).numpy()
+            (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+            if got.shape != ref.shape:
+                raise AssertionError(
+                    f"onnxruntime output {got.shape} != eager {ref.shape} for input {list(s)}"
+                )
+            diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
+            if diff > atol + rtol * scale:
+                raise AssertionError(
+                    f"onnxruntime differs from eager torch at {list(s)}: max |diff| {diff:.3g} "
+                    f"> {atol:g} + {rtol:g} * {scale:.3g}"
+                )
+            diffs[str(list(s))] = diff
+    return diffs
+
+
+def export(
+    bundle: str,
+    out: str,
+    ckpt: str | None = None,
+    onnx: bool = False,
+    input_shape: Sequence[int] | None = None,
+    check_shapes: Sequence[Sequence[int]] = (),
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Export a bundle's network to ``OUT/model.ts`` (and ``OUT/model.onnx`` with ``--onnx``), each checked.
+
+    The TorchScript file is reloaded and compared with the eager network at the export size and at every
+    ``--check_shapes``; the ONNX file is run in onnxruntime at the same sizes. Config overrides follow as
+    ``--key value`` (e.g. ``--variant s --image_size "[64,64]"``). Prints and returns a JSON report.
+    """
+    out_dir = Path(out)
+    shape = list(input_shape) if input_shape else example_input_shape(bundle, **overrides)
+    shapes = [shape, *(list(s) for s in check_shapes)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if ckpt is None:
+            # Only useful to check the export itself; both exports then share these weights.
+            log.warning("no checkpoint given: exporting %s with its random initial weights (seed 0)", bundle)
+            torch.manual_seed(0)
+            ckpt = str(Path(tmp) / "init.pt")
+            torch.save(build_network(bundle, **overrides).state_dict(), ckpt)
+        ts = export_torchscript(bundle, out_dir / "model.ts", ckpt, shape, **overrides)
+        net = build_network(bundle, ckpt, **overrides)
+        report: dict[str, Any] = {
+            "torchscript": str(ts),
+            "torchscript_max_abs_diff": compare_torchscript(ts, net, shapes),
+        }
+        if onnx:
+            report["onnx"] = str(out_dir / "model.onnx")
+            report["onnx_max_abs_diff"] = export_onnx(
+                bundle, out_dir / "model.onnx", ckpt, shape, shapes[1:], **overrides
+            )
+    print(json.dumps(report, indent=4))
+    return report

@@ -1,0 +1,252 @@
+"""``python -m hybridseg package bundles/<name> --out DIR``: a self-contained Model Zoo bundle (folder, zip).
+
+The packaged bundle carries this package in ``scripts/hybridseg``. Its configs start their ``imports`` with
+``$import scripts``, whose ``__init__`` puts ``scripts/`` on ``sys.path`` before ``$import hybridseg`` runs:
+MONAI adds the bundle root to ``sys.path`` only when a workflow runs, after the imports were evaluated, so
+without this the bundle's own code could not be found. ``python -m`` puts the working directory on
+``sys.path``, so the zoo's commands work from the unpacked folder; from elsewhere set
+``PYTHONPATH=<bundle>/scripts``.
+
+Zoo rules checked (a violation raises InputDataError naming the file): metadata valid against the local
+schema, ``version`` present in ``changelog`` and the newest entry, JSON indented 4, ``LICENSE`` and
+``docs/README.md`` present, no file over ``max_file_mb`` (25 MB) inside. Weights (``models/*``) are always
+listed in ``large_files.yml`` with a SHA-256 hash; those over the limit are left out of the bundle and
+written to ``DIR/<name>_large_files/`` for upload to ``weights_url``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hybridseg.io import InputDataError, atomic_path, atomic_write_text
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BOOTSTRAP_IMPORT = "$import scripts"
+# What the bootstrap module says and does; written into every packaged bundle as scripts/__init__.py.
+BOOTSTRAP = '''"""Puts this folder on sys.path so that the bundle's configs find the vendored hybridseg.
+
+The configs import ``scripts`` first (MONAI adds the bundle root to sys.path only after the configs'
+imports ran). Written by ``python -m hybridseg package``.
+"""
+
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+if _here not in sys.path:
+    sys.path.insert(0, _here)
+'''
+# Top-level items of a bundle folder that are packaged; run outputs (models/, eval/) are not.
+PACKAGED_ITEMS = ("configs", "docs", "LICENSE")
+MAX_FILE_MB = 25.0
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("."))
+
+
+def dump_json(obj: Any) -> str:
+    """JSON as the zoo wants it: indent 4, non-ASCII kept, newline at the end."""
+    return json.dumps(obj, indent=4, ensure_ascii=False) + "\n"
+
+
+def check_json_indent(path: Path) -> Any:
+    """Parse ``path``; fail unless it is laid out exactly as ``json.dumps(indent=4)`` does."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise InputDataError(path, f"is not valid JSON ({e})") from e
+    if text.rstrip("\n") != dump_json(obj).rstrip("\n"):
+        raise InputDataError(path, "is not pretty-printed with indent 4 (the Model Zoo's rule)")
+    return obj
+
+
+def verify_metadata(meta_file: str | os.PathLike) -> dict:
+    """Validate a metadata.json against the local zoo schema and check version and changelog agree."""
+    import jsonschema
+
+    from hybridseg.schemas import METADATA_SCHEMA
+
+    meta_file = Path(meta_file)
+    meta = check_json_indent(meta_file)
+    schema = json.loads(METADATA_SCHEMA.read_text(encoding="utf-8"))
+    try:
+        jsonschema.validate(meta, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "top level"
+        raise InputDataError(meta_file, f"metadata invalid at {where}: {e.message}") from e
+    version, changelog = meta["version"], meta["changelog"]
+    if version not in changelog:
+        raise InputDataError(meta_file, f"version {version} has no changelog entry")
+    newest = max(changelog, key=_version_key)
+    if newest != version:
+        raise InputDataError(meta_file, f"version {version} is not the newest changelog entry ({newest})")
+    return meta
+
+
+def check_bundle(bundle: str | os.PathLike) -> dict:
+    """Check a bundle folder against the zoo rules above; returns its metadata."""
+    bundle = Path(bundle)
+    for needed in ("configs/metadata.json", "configs/inference.json", "docs/README.md", "LICENSE"):
+        if not (bundle / needed).is_file():
+            raise InputDataError(bundle / needed, "missing (a Model Zoo bundle needs it)")
+    for f in sorted((bundle / "configs").glob("*.json")):
+        check_json_indent(f)
+    return verify_metadata(bundle / "configs" / "metadata.json")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def large_files_yml(entries: Sequence[dict[str, str]]) -> str:
+    """The zoo's ``large_files.yml`` (path, url, hash_val, hash_type per file), written without PyYAML."""
+    lines = [
+        "# Weights of this bundle: fetch each file from its url into its path and check its hash.",
+        "# An empty url means the file is not published yet.",
+    ]
+    if not entries:
+        return "\n".join([*lines, "large_files: []", ""])
+    lines.append("large_files:")
+    for e in entries:
+        lines += [f'  - path: "{e["path"]}"', f'    url: "{e["url"]}"']
+        lines += [f'    hash_val: "{e["hash_val"]}"', f'    hash_type: "{e["hash_type"]}"']
+    return "\n".join([*lines, ""])
+
+
+def _vendor(staging: Path) -> None:
+    """Copy this package into ``scripts/hybridseg`` with the bootstrap, without caches or build metadata."""
+    scripts = staging / "scripts"
+    shutil.copytree(
+        PACKAGE_DIR,
+        scripts / "hybridseg",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*"),
+    )
+    (scripts / "__init__.py").write_text(BOOTSTRAP, encoding="utf-8")
+
+
+def _adapt_configs(staging: Path) -> None:
+    """Bootstrap import first in every config that imports hybridseg; hybridseg no longer a requirement."""
+    for f in sorted((staging / "configs").glob("*.json")):
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+        imports = cfg.get("imports") if isinstance(cfg, dict) else None
+        if isinstance(imports, list) and any("hybridseg" in str(i) for i in imports):
+            if BOOTSTRAP_IMPORT not in imports:
+                cfg["imports"] = [BOOTSTRAP_IMPORT, *imports]
+        if f.name == "metadata.json":
+            # The code travels inside the bundle; hybridseg is not a package anyone could install.
+            cfg.get("required_packages_version", {}).pop("hybridseg", None)
+        f.write_text(dump_json(cfg), encoding="utf-8")
+
+
+def package(
+    bundle: str,
+    out: str,
+    ckpt: str | None = None,
+    weights_url: str = "",
+    max_file_mb: float = MAX_FILE_MB,
+    input_shape: Sequence[int] | None = None,
+    **overrides: Any,
+) -> dict[str, str]:
+    """Package bundle folder ``BUNDLE`` into ``OUT/<name>/`` and ``OUT/<name>_v<version>.zip``.
+
+    With ``--ckpt`` the checkpoint becomes ``models/model.pt`` and a traced ``models/model.ts`` (checked
+    against the eager network), both listed in ``large_files.yml``; ``--weights_url`` is the base URL the
+    files will be published under. Config overrides for the export follow as ``--key value``. Outputs are
+    replaced atomically; nothing is written inside ``BUNDLE``.
+    """
+    from hybridseg.export import build_network, compare_torchscript, export_torchscript
+
+    src, out_dir = Path(bundle).resolve(), Path(out).resolve()
+    if out_dir == src or src in out_dir.parents:
+        raise InputDataError(out, "is inside the bundle being packaged; choose an output folder outside it")
+    meta = check_bundle(src)
+    name, version = meta.get("name") or src.name, meta["version"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest, zip_path = out_dir / name, out_dir / f"{name}_v{version}.zip"
+    large_dir = out_dir / f"{name}_large_files"
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
+    try:
+        for item in PACKAGED_ITEMS:
+            (shutil.copytree if (src / item).is_dir() else shutil.copy2)(src / item, staging / item)
+        _vendor(staging)
+        _adapt_configs(staging)
+        entries = []
+        if ckpt is not None:
+            models = staging / "models"
+            models.mkdir()
+            shutil.copy2(ckpt, models / "model.pt")
+            ts = export_torchscript(
+                staging, models / "model.ts", models / "model.pt", input_shape, **overrides
+            )
+            net = build_network(staging, models / "model.pt", **overrides)
+            compare_torchscript(ts, net, [input_shape] if input_shape else [_shape(staging, overrides)])
+            for f in sorted(models.iterdir()):
+                rel = f.relative_to(staging).as_posix()
+                url = f"{weights_url.rstrip('/')}/{f.name}" if weights_url else ""
+                entries.append({"path": rel, "url": url, "hash_val": sha256(f), "hash_type": "sha256"})
+        atomic_write_text(staging / "large_files.yml", large_files_yml(entries))
+        (staging / "large_files.yml").chmod(0o644)
+
+        # Weights over the limit leave the bundle (they are in large_files.yml) for separate upload.
+        limit = max_file_mb * 1024 * 1024
+        moved = []
+        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+            if f.stat().st_size > limit:
+                rel = f.relative_to(staging)
+                if rel.parts[0] != "models":
+                    raise InputDataError(src / rel, f"is over {max_file_mb:g} MB, the Model Zoo's limit")
+                moved.append(rel)
+        check_bundle(staging)  # the packaged configs too
+
+        _publish_dir(staging, dest, keep=moved, large_dir=large_dir)
+        with atomic_path(zip_path) as tmp:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(p for p in dest.rglob("*") if p.is_file()):
+                    z.write(f, Path(name) / f.relative_to(dest))
+            tmp.chmod(0o644)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result = {"folder": str(dest), "zip": str(zip_path)}
+    if large_dir.is_dir() and any(large_dir.iterdir()):
+        result["large_files"] = str(large_dir)
+    print(json.dumps(result, indent=4))
+    return result
+
+
+def _shape(bundle: Path, overrides: dict) -> list[int]:
+    from hybridseg.export import example_input_shape
+
+    return example_input_shape(bundle, **overrides)
+
+
+def _publish_dir(staging: Path, dest: Path, keep: list[Path], large_dir: Path) -> None:
+    """Move the over-limit files to ``large_dir``, then swap ``staging`` in for ``dest`` in one rename."""
+    if large_dir.exists():
+        shutil.rmtree(large_dir)
+    for rel in keep:
+        (large_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, large_dir / rel)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
