@@ -1,0 +1,215 @@
+"""MONAI Deploy operators shared by the two apps: bundle inference on the app's in-memory images, and writers
+of the bundle's own output formats (NIfTI label volume with its label sidecar, mask PNG) plus a PNG loader.
+
+Needs the MONAI Deploy App SDK (``.venv-deploy``, see ``ci/deploy_env.sh``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Fragment, Image, Operator, OperatorSpec
+from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator
+
+from hybridseg.io import InputDataError
+
+LOG = logging.getLogger("hybridseg.deploy")
+
+# The bundles' own file loaders and writers. The app does the I/O (DICOM in, DICOM SEG / NIfTI / PNG out),
+# so, as the SDK drops MONAI's LoadImage*/SaveImage*, these are dropped from the config before they are
+# built: a writer would otherwise resolve output paths inside a bundle folder the deployed app lacks.
+BUNDLE_IO_TRANSFORMS = ("LoadVolumed", "LoadImage2Dd", "SaveLabelVolumed", "SaveMask2Dd")
+PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _is_bundle_io(item: Any) -> bool:
+    target = item.get("_target_", "") if isinstance(item, dict) else ""
+    return isinstance(target, str) and target.rsplit(".", 1)[-1] in BUNDLE_IO_TRANSFORMS
+
+
+class BundleInferenceOperator(MonaiBundleInferenceOperator):
+    """The SDK's MonaiBundleInferenceOperator, fed the layout the bundle's loader would have produced.
+
+    ``spatial_dims=3``: the SDK's volume ``(W, H, D)`` gets the channel axis the bundle's ``LoadVolumed``
+    adds -> ``(1, W, H, D)``, the axes ITK gives the bundle for the same series. ``spatial_dims=2``: a
+    one-frame DICOM volume ``(W, H, 1)`` or a loaded 2D image ``(H, W)`` becomes ``(1, H, W)`` (rows first),
+    as the bundle's ``LoadImage2Dd`` gives it. The rest of ``preprocessing``, the ``inferer`` and
+    ``postprocessing`` come unchanged from the inference.json inside the TorchScript file.
+    """
+
+    def __init__(self, fragment: Fragment, *args: Any, spatial_dims: int = 3, **kwargs: Any) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims = spatial_dims
+        super().__init__(fragment, *args, **kwargs)
+
+    def _get_compose(self, obj_name, disallowed_prefixes):
+        transforms = self._parser.get(f"{obj_name}#transforms")
+        if isinstance(transforms, list) and any(_is_bundle_io(t) for t in transforms):
+            self._parser[f"{obj_name}#transforms"] = [t for t in transforms if not _is_bundle_io(t)]
+        return super()._get_compose(obj_name, disallowed_prefixes)
+
+    def pre_process(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        data = {k: self._to_bundle_layout(v) for k, v in data.items()}
+        return super().pre_process(data, *args, **kwargs)
+
+    def _to_bundle_layout(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        meta = dict(value.meta) if isinstance(value, MetaTensor) else {}
+        x = value.as_tensor() if isinstance(value, MetaTensor) else value
+        name = meta.get("filename_or_obj") or meta.get("SeriesInstanceUID") or "input"
+        if self.spatial_dims == 3:
+            if x.ndim != 3:
+                raise InputDataError(name, f"expected a 3D volume, got array of shape {tuple(x.shape)}")
+            return MetaTensor(x[None].float(), meta=meta)
+        if x.ndim == 3 and x.shape[-1] == 1:  # one DICOM frame, SDK axes (W, H, 1)
+            x = x[..., 0].T
+        if x.ndim != 2:
+            raise InputDataError(
+                name,
+                f"expected one gray 2D image (one MONOCHROME frame), got array of shape {tuple(x.shape)}",
+            )
+        meta["spatial_shape"] = np.asarray(x.shape)
+        # identity 2D affine, as LoadImage2Dd sets it, so Resized/Invertd see the same geometry
+        return MetaTensor(x[None].float().contiguous(), affine=torch.eye(3), meta=meta)
+
+
+def _stem(meta: dict, default: str) -> str:
+    from hybridseg.transforms import output_stem
+
+    src = meta.get("filename_or_obj")
+    if src:
+        return output_stem(str(src).rstrip("/"))
+    return str(meta.get("SeriesInstanceUID") or default)
+
+
+class NiftiLabelWriterOperator(Operator):
+    """Writes the predicted label Image (SDK axes ``(D, H, W)``) as ``<SeriesInstanceUID>_seg.nii.gz`` on the
+    series' grid and RAS affine, with a ``_seg.json`` sidecar naming each label id: the format of the
+    bundle's ``SaveLabelVolumed``. Both files are written atomically."""
+
+    def __init__(
+        self, fragment: Fragment, *args: Any, output_folder: Path, labels: dict[int, str], **kwargs: Any
+    ) -> None:
+        self.output_folder = Path(output_folder)
+        self.labels = {str(k): str(v) for k, v in labels.items()}
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("seg_image")
+
+    def compute(self, op_input, op_output, context) -> None:
+        import nibabel as nib
+
+        from hybridseg.io import atomic_path, atomic_write_text
+
+        seg = op_input.receive("seg_image")
+        labels = np.ascontiguousarray(np.swapaxes(seg.asnumpy(), 0, 2)).astype(np.uint8)  # -> (x, y, z)
+        meta = seg.metadata()
+        affine = sdk_affine_fixed(meta)
+        stem = _stem(meta, "volume")
+        dest = self.output_folder / f"{stem}_seg.nii.gz"
+        out = nib.Nifti1Image(labels, affine)
+        out.set_data_dtype(np.uint8)
+        out.header.set_slope_inter(1, 0)
+        with atomic_path(dest) as tmp:
+            gz = Path(str(tmp) + ".nii.gz")  # nibabel picks gzip from the suffix
+            nib.save(out, str(gz))
+            gz.replace(tmp)
+        sidecar = {
+            "source": str(meta.get("SeriesInstanceUID", "")),
+            "segmentation": dest.name,
+            "labels": self.labels,
+            "shape": list(labels.shape),
+            "affine": affine.tolist(),
+        }
+        atomic_write_text(self.output_folder / f"{stem}_seg.json", json.dumps(sidecar, indent=4) + "\n")
+        LOG.info("wrote %s (%s)", dest, "x".join(map(str, labels.shape)))
+
+
+def sdk_affine_fixed(meta: dict) -> np.ndarray:
+    """The RAS affine of an SDK volume ``(W, H, D)`` with its in-plane spacings put right.
+
+    SDK 4.0.0 (``DICOMSeriesToVolumeOperator.compute_affine_transform``) scales the row direction (array
+    axis 0, along a row = across columns) by PixelSpacing[0], the spacing between rows, and the column
+    direction by PixelSpacing[1]; DICOM's image plane equation uses the opposite. The two agree only for
+    square pixels, so the scales are swapped back here (the directions are right).
+    """
+    affine = np.array(meta.get("original_affine", meta.get("affine")), dtype=np.float64)
+    vr, vc = meta.get("row_pixel_spacing"), meta.get("col_pixel_spacing")
+    if vr and vc:
+        affine[:3, 0] *= float(vc) / float(vr)
+        affine[:3, 1] *= float(vr) / float(vc)
+    return affine
+
+
+class PngLoaderOperator(Operator):
+    """Emits the PNG/JPEG images of a folder (or one file) one per run, read by the bundle's own reader
+    (8-bit checks, RGB -> gray by BT.601) as ``(H, W)`` float32 Images that name their file."""
+
+    def __init__(self, fragment: Fragment, *args: Any, input_path: Path, **kwargs: Any) -> None:
+        self.files = png_inputs(Path(input_path))
+        self._next = 0
+        super().__init__(fragment, CountCondition(fragment, len(self.files)), *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.output("image")
+
+    def compute(self, op_input, op_output, context) -> None:
+        from hybridseg.transforms import read_2d
+
+        path = self.files[self._next]
+        self._next += 1
+        arr, affine = read_2d(path)
+        # "spacing" + "original_affine" tell the SDK this Image needs no DICOM-style axis conversion
+        meta = {"filename_or_obj": str(path), "spacing": np.ones(2), "original_affine": affine}
+        op_output.emit(Image(arr, metadata=meta), "image")
+
+
+def png_inputs(path: Path) -> list[Path]:
+    """The PNG/JPEG inputs at ``path`` (a file or a folder), sorted; fails naming ``path`` if none."""
+    if path.is_file():
+        if not path.name.lower().endswith(PNG_SUFFIXES):
+            raise InputDataError(path, f"unsupported file type (expected one of {', '.join(PNG_SUFFIXES)})")
+        return [path]
+    if not path.is_dir():
+        raise InputDataError(path, "no such file or folder")
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.name.lower().endswith(PNG_SUFFIXES))
+    if not files:
+        raise InputDataError(
+            path, f"folder contains no DICOM files and no images ({', '.join(PNG_SUFFIXES)})"
+        )
+    return files
+
+
+class MaskPngWriterOperator(Operator):
+    """Writes a binary mask Image ``(H, W)`` as ``<stem>_mask.png`` (0/255, the bundle's format) at the
+    input's size, atomically; ``<stem>`` is the input file's name, or the SeriesInstanceUID for DICOM."""
+
+    def __init__(self, fragment: Fragment, *args: Any, output_folder: Path, **kwargs: Any) -> None:
+        self.output_folder = Path(output_folder)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("seg_image")
+
+    def compute(self, op_input, op_output, context) -> None:
+        from hybridseg.transforms import write_png
+
+        seg = op_input.receive("seg_image")
+        mask = np.asarray(seg.asnumpy())
+        meta = seg.metadata()
+        expected = tuple(int(s) for s in meta.get("spatial_shape", mask.shape))
+        if mask.shape != expected:
+            raise ValueError(f"mask shape {mask.shape} is not the input's size {expected}")
+        dest = self.output_folder / f"{_stem(meta, 'image')}_mask.png"
+        write_png(dest, (mask > 0).astype(np.uint8) * 255)
+        LOG.info("wrote %s (%dx%d)", dest, *mask.shape)
