@@ -260,6 +260,11 @@ def test_repackaging_replaces_the_output_atomically_and_never_writes_into_the_bu
     before = {f: f.read_bytes() for f in bundle.rglob("*") if f.is_file()}
     with pytest.raises(InputDataError, match="inside the bundle"):
         package(str(bundle), str(bundle / "dist"))
+    with pytest.raises(InputDataError, match="would replace the bundle"):
+        package(str(bundle), str(tmp_path))
+    with pytest.raises(InputDataError, match="no such checkpoint file") as err:
+        package(str(bundle), str(tmp_path / "dist"), ckpt=str(tmp_path / "missing.pt"))
+    assert "missing.pt" in str(err.value)
     dist = tmp_path / "dist"
     first = package(str(bundle), str(dist))
     (Path(first["folder"]) / "stale.txt").write_text("from an earlier run")
