@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -170,6 +171,16 @@ def test_export_command_writes_torchscript_and_onnx_that_match_the_eager_network
         assert got.shape == tuple(ref.shape)
         # onnxruntime fuses and reorders float ops; relative to the logits' range.
         assert np.abs(got - ref.numpy()).max() <= 1e-4 + 1e-3 * ref.abs().max().item()
+    if name == "braunetpp_synapse":
+        # The documented limitation: at 96 px the 6 x 6 level-2 map needs routing padding (to 8 for n_win 4),
+        # which the trace made at 64 px (no padding there) does not have; such sizes need their own export.
+        x = torch.randn(1, 1, 96, 96, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            try:
+                traced = ts(x)
+            except RuntimeError:
+                traced = None
+            assert traced is None or not torch.allclose(traced, net(x), atol=1e-3)
 
 
 def test_torchscript_export_rejects_a_checkpoint_of_another_network(tmp_path):
@@ -183,3 +194,23 @@ def test_torchscript_export_rejects_a_checkpoint_of_another_network(tmp_path):
     with pytest.raises(InputDataError, match="cannot be read as a PyTorch checkpoint"):
         export_torchscript(BUNDLES / "braunetpp_synapse", tmp_path / "model.ts", tmp_path / "notackpt.pt")
     assert not (tmp_path / "model.ts").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("HYBRIDSEG_FULL_EXPORTS") != "1",
+    reason="the published networks' exports take 1.5-4 min each on 2 cores; set HYBRIDSEG_FULL_EXPORTS=1",
+)
+@pytest.mark.parametrize("name", NAMES)
+def test_published_network_exports_match_eager_at_224_and_a_second_size(name, tmp_path):
+    from hybridseg.export import compare_torchscript, export_onnx
+
+    bundle = BUNDLES / name
+    channels = 3 if name == "cfformer_busi" else 1
+    second = [1, channels, 256, 320] if name == "cfformer_busi" else [1, channels, 448, 448]
+    torch.manual_seed(0)
+    net = build_network(bundle)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    export_torchscript(bundle, tmp_path / "model.ts", tmp_path / "model.pt")
+    compare_torchscript(tmp_path / "model.ts", net, [[1, channels, 224, 224], second])
+    export_onnx(bundle, tmp_path / "model.onnx", tmp_path / "model.pt", check_shapes=[second])

@@ -171,6 +171,8 @@ def package(
     from hybridseg.export import build_network, compare_torchscript, export_torchscript
 
     src, out_dir = Path(bundle).resolve(), Path(out).resolve()
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise InputDataError(ckpt, "no such checkpoint file")
     if out_dir == src or src in out_dir.parents:
         raise InputDataError(out, "is inside the bundle being packaged; choose an output folder outside it")
     meta = check_bundle(src)
@@ -178,6 +180,8 @@ def package(
     out_dir.mkdir(parents=True, exist_ok=True)
     dest, zip_path = out_dir / name, out_dir / f"{name}_v{version}.zip"
     large_dir = out_dir / f"{name}_large_files"
+    if src in (dest, large_dir):
+        raise InputDataError(out, f"packaging there would replace the bundle {src} itself; choose another")
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
     staging.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
     try:
@@ -213,12 +217,14 @@ def package(
                 moved.append(rel)
         check_bundle(staging)  # the packaged configs too
 
-        _publish_dir(staging, dest, keep=moved, large_dir=large_dir)
+        _set_aside(staging, moved, large_dir)
+        # The zip is complete before the folder is swapped in, and renamed into place right after it.
         with atomic_path(zip_path) as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-                for f in sorted(p for p in dest.rglob("*") if p.is_file()):
-                    z.write(f, Path(name) / f.relative_to(dest))
+                for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+                    z.write(f, Path(name) / f.relative_to(staging))
             tmp.chmod(0o644)
+            _swap_in(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result = {"folder": str(dest), "zip": str(zip_path)}
@@ -234,13 +240,17 @@ def _shape(bundle: Path, overrides: dict) -> list[int]:
     return example_input_shape(bundle, **overrides)
 
 
-def _publish_dir(staging: Path, dest: Path, keep: list[Path], large_dir: Path) -> None:
-    """Move the over-limit files to ``large_dir``, then swap ``staging`` in for ``dest`` in one rename."""
+def _set_aside(staging: Path, files: list[Path], large_dir: Path) -> None:
+    """Move the over-limit ``files`` (relative to ``staging``) into a fresh ``large_dir``."""
     if large_dir.exists():
         shutil.rmtree(large_dir)
-    for rel in keep:
+    for rel in files:
         (large_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / rel, large_dir / rel)
+
+
+def _swap_in(staging: Path, dest: Path) -> None:
+    """Put ``staging`` in place of ``dest`` with one rename (the old folder is removed afterwards)."""
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old")
