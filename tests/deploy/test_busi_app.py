@@ -60,3 +60,21 @@ def test_dicom_input_gives_the_same_mask_png_and_a_dicom_seg_of_it(run):
     assert {r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence} == {run["series"]}
     frame = seg.pixel_array if seg.pixel_array.ndim == 2 else seg.pixel_array[0]
     np.testing.assert_array_equal(frame > 0, mask > 0)
+
+
+def test_an_input_folder_without_dicom_or_images_fails_naming_the_folder(tmp_path):
+    import subprocess
+
+    from tests.deploy.conftest import deploy_python
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [str(deploy_python()), "-m", "hybridseg.deploy.busi_app"]
+    cmd += ["-i", str(empty), "-m", str(empty / "notes.txt"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"{empty}: folder contains no DICOM files and no images" in proc.stderr
+    assert not any(out.iterdir())
