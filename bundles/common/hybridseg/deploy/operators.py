@@ -39,9 +39,9 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
 
     ``spatial_dims=3``: the SDK's volume ``(W, H, D)`` gets the channel axis the bundle's ``LoadVolumed``
     adds -> ``(1, W, H, D)``, the axes ITK gives the bundle for the same series. ``spatial_dims=2``: a
-    one-frame DICOM volume ``(W, H, 1)`` or a loaded 2D image ``(H, W)`` becomes ``(1, H, W)`` (rows first),
-    as the bundle's ``LoadImage2Dd`` gives it. The rest of ``preprocessing``, the ``inferer`` and
-    ``postprocessing`` come unchanged from the inference.json inside the TorchScript file.
+    one-frame DICOM image ``(1, rows, columns)`` or a loaded 2D image ``(H, W)`` becomes ``(1, H, W)``
+    (rows first), as the bundle's ``LoadImage2Dd`` gives it. The rest of ``preprocessing``, the ``inferer``
+    and ``postprocessing`` come unchanged from the inference.json inside the TorchScript file.
     """
 
     def __init__(self, fragment: Fragment, *args: Any, spatial_dims: int = 3, **kwargs: Any) -> None:
@@ -51,14 +51,27 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
         super().__init__(fragment, *args, **kwargs)
 
     def _get_compose(self, obj_name, disallowed_prefixes):
-        transforms = self._parser.get(f"{obj_name}#transforms")
-        if isinstance(transforms, list) and any(_is_bundle_io(t) for t in transforms):
-            self._parser[f"{obj_name}#transforms"] = [t for t in transforms if not _is_bundle_io(t)]
+        # Filter pre- and postprocessing together, before either is built: editing the config later makes
+        # the parser rebuild "@preprocessing", and Invertd then refuses the new Resize (another object).
+        for name in (self._bundle_config_names.preproc_name, self._bundle_config_names.postproc_name):
+            transforms = self._parser.get(f"{name}#transforms")
+            if isinstance(transforms, list) and any(_is_bundle_io(t) for t in transforms):
+                self._parser[f"{name}#transforms"] = [t for t in transforms if not _is_bundle_io(t)]
         return super()._get_compose(obj_name, disallowed_prefixes)
 
     def pre_process(self, data: Any, *args: Any, **kwargs: Any) -> Any:
         data = {k: self._to_bundle_layout(v) for k, v in data.items()}
         return super().pre_process(data, *args, **kwargs)
+
+    def _convert_from_image(self, img: Image):
+        if self.spatial_dims == 3:
+            return super()._convert_from_image(img)
+        # 2D: keep the frame as stored, rows first, as the bundle reads a PNG. The SDK's conversion swaps
+        # to (W, H, D) and builds an affine a single frame has none of (no ImagePositionPatient).
+        kept = (str, int, float, np.ndarray)
+        meta = {k: v for k, v in (img.metadata() or {}).items() if isinstance(v, kept)}
+        meta.pop("affine", None)
+        return img.asnumpy(), meta
 
     def _to_bundle_layout(self, value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
@@ -70,8 +83,8 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
             if x.ndim != 3:
                 raise InputDataError(name, f"expected a 3D volume, got array of shape {tuple(x.shape)}")
             return MetaTensor(x[None].float(), meta=meta)
-        if x.ndim == 3 and x.shape[-1] == 1:  # one DICOM frame, SDK axes (W, H, 1)
-            x = x[..., 0].T
+        if x.ndim == 3 and x.shape[0] == 1:
+            x = x[0]  # one DICOM frame as stored, (1, rows, columns)
         if x.ndim != 2:
             raise InputDataError(
                 name,

@@ -1,0 +1,80 @@
+"""The CFFormer MONAI Deploy app on a generated ultrasound image (PNG and DICOM), against the bundle's own
+inference on the same image with the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.bundles.conftest import infer
+from tests.deploy.conftest import deploy_python, export_tiny_bundle, run_app, write_us_image
+
+pytestmark = pytest.mark.slow
+
+# CPU-sized CFFormer-s at 64 px, fp32 (see the Synapse app test for why not bf16).
+TINY = {"variant": "s", "image_size": [64, 64], "amp": False, "write_overlays": False}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One generated 80 x 96 image (not square, so a transposed axis shows) as PNG and as DICOM US; one tiny
+    exported network; the app's outputs for both inputs and the bundle's for the PNG."""
+    from hybridseg.data.synth_busi import make_busi_image
+
+    deploy_python()
+    work = tmp_path_factory.mktemp("busi_deploy")
+    gray, _ = make_busi_image(np.random.default_rng(1), 80, 96, "benign", 1)
+    (work / "png").mkdir()
+    Image.fromarray(gray).save(work / "png" / "case1.png")
+    series_uid = write_us_image(work / "dicom" / "case1.dcm", gray)
+    exported = export_tiny_bundle("cfformer_busi", work / "bundle", TINY, [1, 3, 64, 64])
+    outs = {}
+    for kind in ("png", "dicom"):
+        outs[kind] = work / f"app_{kind}"
+        outs[kind].mkdir()
+        run_app("hybridseg.deploy.busi_app", work / kind, exported["ts"], outs[kind])
+    infer("cfformer_busi", work / "png", work / "bundle_out", exported["ckpt"], **TINY)
+    bundle_mask = np.asarray(Image.open(work / "bundle_out" / "case1_mask.png"))
+    return {"gray": gray, "series": series_uid, "app": outs, "bundle_mask": bundle_mask}
+
+
+def test_png_input_gives_a_mask_png_at_input_size_equal_to_the_bundle_inference(run):
+    mask = np.asarray(Image.open(run["app"]["png"] / "case1_mask.png"))
+    assert mask.shape == run["gray"].shape
+    assert set(np.unique(mask)) <= {0, 255}
+    assert 0 < (run["bundle_mask"] > 0).mean() < 1, "degenerate check: the bundle's mask is uniform"
+    np.testing.assert_array_equal(mask, run["bundle_mask"])
+
+
+def test_dicom_input_gives_the_same_mask_png_and_a_dicom_seg_of_it(run):
+    import highdicom as hd
+
+    out = run["app"]["dicom"]
+    mask = np.asarray(Image.open(out / f"{run['series']}_mask.png"))
+    np.testing.assert_array_equal(mask, run["bundle_mask"])
+    files = list(out.glob("*.dcm"))
+    assert len(files) == 1, f"expected one DICOM SEG, found {files}"
+    seg = hd.seg.segread(files[0])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion"]
+    assert {r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence} == {run["series"]}
+    frame = seg.pixel_array if seg.pixel_array.ndim == 2 else seg.pixel_array[0]
+    np.testing.assert_array_equal(frame > 0, mask > 0)
+
+
+def test_an_input_folder_without_dicom_or_images_fails_naming_the_folder(tmp_path):
+    import subprocess
+
+    from tests.deploy.conftest import deploy_python
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [str(deploy_python()), "-m", "hybridseg.deploy.busi_app"]
+    cmd += ["-i", str(empty), "-m", str(empty / "notes.txt"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"{empty}: folder contains no DICOM files and no images" in proc.stderr
+    assert not any(out.iterdir())
