@@ -66,7 +66,7 @@ def _bundle_cmd(configs: list[str], **args) -> list[str]:
     return cmd
 
 
-def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -162,3 +162,61 @@ def test_two_cpu_runs_with_the_same_seed_give_identical_losses(synapse_small, tm
     assert first == second, f"{first} != {second}"
     other = _losses_of(synapse_small, tmp_path / "c", {**overrides, "seed": 8})
     assert other != first, "another seed gave the same losses: the seed is not what drives the run"
+
+
+def _torchrun(configs: list[str], **args) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2`` of the bundle runner: two CPU processes over gloo."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return _run(cmd + _bundle_cmd(configs, **args))
+
+
+@pytest.mark.slow
+def test_two_process_training_and_evaluation_match_single_process_outputs(synapse_small, tmp_path):
+    """multi_gpu_train.json under torchrun (2 ranks, gloo): DDP training writes the single-process outputs
+    once, from rank 0; multi_gpu_evaluate.json then gives exactly the 1-process test metrics."""
+    work = tmp_path
+    tiny = _write_overrides(
+        work / "tiny.json",
+        {**TINY, "epoch_length": 2, "max_epochs": 1, "val_interval": 1, "checkpoint_interval": 1},
+    )
+    cfg = Path(FILES["train"]).parent
+    args = {"dataset_dir": synapse_small, "ckpt_dir": work / "models"}
+    train = _torchrun(
+        [FILES["train"], str(cfg / "multi_gpu_train.json"), tiny], output_dir=work / "eval", **args
+    )
+    assert train.returncode == 0, train.stdout[-4000:] + train.stderr[-4000:]
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["checkpoint_last.pt", "model.pt"]
+    last = torch.load(work / "models" / "checkpoint_last.pt", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "best_model"} <= set(last)
+    assert last["trainer"]["iteration"] == 2
+    assert not any(k.startswith("module.") for k in last["model"]), "DDP wrapper leaked into the checkpoint"
+    log = (work / "eval" / "train.log").read_text()
+    assert log.count("saved checkpoint") == 2, "checkpoints must be written (and logged) by rank 0 only"
+    events = list((work / "eval").glob("events.out.tfevents.*"))  # ...<time>.<host>.<pid>.<n>
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1, "TensorBoard files from 2 ranks"
+
+    two = _torchrun(
+        [FILES["train"], FILES["evaluate"], str(cfg / "multi_gpu_evaluate.json"), tiny],
+        output_dir=work / "test_2ranks",
+        **args,
+    )
+    assert two.returncode == 0, two.stdout[-4000:] + two.stderr[-4000:]
+    run_workflow(
+        "train",
+        [FILES["train"], FILES["evaluate"]],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        output_dir=str(work / "test_1rank"),
+        dataset_dir=str(synapse_small),
+        ckpt_dir=str(work / "models"),
+        **{**TINY, "epoch_length": 2, "max_epochs": 1},
+    )
+    for protocol in ("paper", "physical"):
+        one = json.loads((work / "test_1rank" / f"summary_{protocol}.json").read_text())
+        both = json.loads((work / "test_2ranks" / f"summary_{protocol}.json").read_text())
+        assert both == one, f"{protocol}: 2-rank summary differs from the 1-rank summary"
+    rows = [
+        (work / d / "metrics_per_case.csv").read_text().splitlines() for d in ("test_1rank", "test_2ranks")
+    ]
+    assert len(rows[0]) == 1 + 2 * 8 * 2  # header, 2 test cases x 8 organs x 2 protocols
+    assert sorted(rows[0]) == sorted(rows[1])

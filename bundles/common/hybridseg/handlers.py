@@ -319,6 +319,11 @@ class AtomicCheckpointSaver:
         self.key_metric = key_metric
         self.best: float = -math.inf
         self._saved_at: int | None = None
+        from ignite.handlers import DiskSaver
+
+        # built here, not at save time: its first idist.get_rank() is a collective under DDP, which
+        # every rank reaches while the config is parsed but only rank 0 would reach while saving
+        self._disk = DiskSaver(self.save_dir, atomic=True, create_dir=True, require_empty=False)
 
     @property
     def path(self) -> Path:
@@ -359,12 +364,10 @@ class AtomicCheckpointSaver:
         """Write the checkpoint now (rank 0 only)."""
         if not _is_rank0():
             return
-        from ignite.handlers import DiskSaver
-
         state = {k: _unwrap(v).state_dict() for k, v in self.save_dict.items()}
         if len(state) == 1:  # a lone network is stored as a bare state dict, as MONAI's saver does
             state = next(iter(state.values()))
-        DiskSaver(self.save_dir, atomic=True, create_dir=True, require_empty=False)(state, self.filename)
+        self._disk(state, self.filename)
 
     def state_dict(self) -> dict[str, float]:
         return {"best": self.best}
