@@ -48,6 +48,8 @@ MULTI_VALUE_FLAGS = (
     "--synapse_shape",
     "--networks",
     "--dtypes",
+    "--settings",
+    "--batches",
 )
 
 
