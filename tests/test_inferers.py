@@ -64,3 +64,20 @@ def test_autocast_inferer_runs_bf16_and_returns_float32():
     out = AutocastInferer(dtype=torch.bfloat16)(torch.randn(2, 4), net)
     assert seen["dtype"] == torch.bfloat16 and out.dtype == torch.float32
     assert AutocastInferer(dtype=None)(torch.randn(2, 4), net).dtype == torch.float32
+
+
+def test_amp_picks_bf16_on_cpu_only_where_the_cpu_has_native_bf16(monkeypatch):
+    import hybridseg.inferers as inf
+
+    monkeypatch.setattr(inf, "cpu_has_native_bf16", lambda: True)
+    assert inf.autocast_dtype("cpu", True) == torch.bfloat16
+    # emulated bf16 (AVX2-only CPUs) is slower than float32: amp then means float32
+    monkeypatch.setattr(inf, "cpu_has_native_bf16", lambda: False)
+    assert inf.autocast_dtype("cpu", True) is None
+    assert inf.autocast_dtype("cpu", False) is None
+
+
+def test_native_bf16_query_agrees_with_onednn():
+    import hybridseg.inferers as inf
+
+    assert inf.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -53,6 +53,8 @@ MULTI_VALUE_FLAGS = (
     "--networks",
     "--dtypes",
     "--input_shape",
+    "--settings",
+    "--batches",
 )
 
 

@@ -12,15 +12,30 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls/convolutions natively (AVX512-BF16 or AMX, as oneDNN reports).
+
+    Without it (e.g. AVX2-only CPUs) PyTorch falls back to slow reference kernels: bf16 autocast is
+    then several times slower than float32 (measured ~10x for BRAU-Net++, docs/performance.md).
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN or without the query
+        return False
+
+
 def autocast_dtype(device: torch.device | str, amp: bool) -> torch.dtype | None:
-    """The mixed-precision dtype ``amp`` means on ``device``: bf16 on CPU (AMX), bf16 on CUDA when the GPU
-    supports it, else fp16; None when ``amp`` is off."""
+    """The mixed-precision dtype ``amp`` means on ``device``, None (float32) when ``amp`` is off.
+
+    CUDA: bf16 when the GPU supports it, else fp16. CPU: bf16 only where the CPU has native bf16
+    (AVX512-BF16/AMX), float32 otherwise, since emulated bf16 is slower than float32 and less exact.
+    """
     if not amp:
         return None
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 class AutocastInferer(Inferer):
