@@ -20,6 +20,8 @@ EXPECTED = [
     "convert_transunet",
     "demo",
     "bench",
+    "export",
+    "package",
 ]
 
 

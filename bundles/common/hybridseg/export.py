@@ -109,10 +109,13 @@ def export_torchscript(
     filepath: str | os.PathLike,
     ckpt_file: str | os.PathLike,
     input_shape: Sequence[int] | None = None,
+    *,
+    network: torch.nn.Module | None = None,
     **overrides: Any,
 ) -> Path:
     """Trace the bundle's network with its weights from ``ckpt_file`` (MONAI's ``ckpt_export``) into
-    ``filepath``, written atomically. ``overrides`` are config overrides (e.g. ``variant="s"``)."""
+    ``filepath``, written atomically. ``overrides`` are config overrides (e.g. ``variant="s"``).
+    ``network``: the network already loaded strictly from ``ckpt_file`` (saves building it again)."""
     from monai.bundle import ckpt_export
 
     config, meta = bundle_config_files(bundle)
@@ -121,7 +124,8 @@ def export_torchscript(
     if Path(ckpt_file).resolve() == filepath.resolve():
         raise InputDataError(filepath, "is the checkpoint being exported; choose another output path")
     # MONAI loads the weights non-strictly; a strict load first gives a clear error for a wrong checkpoint.
-    build_network(bundle, ckpt_file, **overrides)
+    if network is None:
+        build_network(bundle, ckpt_file, **overrides)
     raw = torch.load(ckpt_file, map_location="cpu", weights_only=True)
     key = "model" if isinstance(raw.get("model"), dict) else ""
     with atomic_path(filepath) as out:
@@ -168,19 +172,22 @@ def export_onnx(
     check_shapes: Sequence[Sequence[int]] = (),
     rtol: float = 1e-3,
     atol: float = 1e-4,
+    *,
+    network: torch.nn.Module | None = None,
     **overrides: Any,
 ) -> dict[str, float]:
     """Export the network to ONNX (batch, H and W dynamic) and check it in onnxruntime against eager torch.
 
     The export input is ``input_shape`` (default ``[1, C, *image_size]``); the parity check runs on it and
     on every ``check_shapes``. A mismatch beyond ``atol + rtol * max|eager|`` raises AssertionError and
-    leaves no file. Returns the max abs difference per checked shape.
+    leaves no file. Returns the max abs difference per checked shape. ``network``: the bundle's network
+    with the checkpoint's weights, when already built.
     """
     import numpy as np
     import onnx
     import onnxruntime as ort
 
-    net = build_network(bundle, ckpt_file, **overrides)
+    net = build_network(bundle, ckpt_file, **overrides) if network is None else network.cpu().eval()
     shape = list(input_shape) if input_shape else example_input_shape(bundle, **overrides)
     axes = {0: "batch", 2: "height", 3: "width"}
     diffs: dict[str, float] = {}
@@ -240,8 +247,8 @@ def export(
             torch.manual_seed(0)
             ckpt = str(Path(tmp) / "init.pt")
             torch.save(build_network(bundle, **overrides).state_dict(), ckpt)
-        ts = export_torchscript(bundle, out_dir / "model.ts", ckpt, shape, **overrides)
         net = build_network(bundle, ckpt, **overrides)
+        ts = export_torchscript(bundle, out_dir / "model.ts", ckpt, shape, network=net, **overrides)
         report: dict[str, Any] = {
             "torchscript": str(ts),
             "torchscript_max_abs_diff": compare_torchscript(ts, net, shapes),
@@ -249,7 +256,7 @@ def export(
         if onnx:
             report["onnx"] = str(out_dir / "model.onnx")
             report["onnx_max_abs_diff"] = export_onnx(
-                bundle, out_dir / "model.onnx", ckpt, shape, shapes[1:], **overrides
+                bundle, out_dir / "model.onnx", ckpt, shape, shapes[1:], network=net, **overrides
             )
     print(json.dumps(report, indent=4))
     return report

@@ -194,10 +194,10 @@ def package(
             models = staging / "models"
             models.mkdir()
             shutil.copy2(ckpt, models / "model.pt")
-            ts = export_torchscript(
-                staging, models / "model.ts", models / "model.pt", input_shape, **overrides
-            )
             net = build_network(staging, models / "model.pt", **overrides)
+            ts = export_torchscript(
+                staging, models / "model.ts", models / "model.pt", input_shape, network=net, **overrides
+            )
             compare_torchscript(ts, net, [input_shape] if input_shape else [_shape(staging, overrides)])
             for f in sorted(models.iterdir()):
                 rel = f.relative_to(staging).as_posix()
