@@ -52,6 +52,9 @@ def natural_key(text: str) -> tuple:
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t)
 
 
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
 def _load_png(path: Path) -> Image.Image:
     """Open and fully decode a PNG, turning every decoder failure into an error naming the file."""
     if not path.is_file():
@@ -65,6 +68,12 @@ def _load_png(path: Path) -> Image.Image:
         raise InputDataError(path, f"unreadable or corrupt image file ({err})") from err
     if fmt != "PNG":
         raise InputDataError(path, f"expected a PNG file, found format {fmt}")
+    with open(path, "rb") as f:
+        # Pillow decodes a PNG whose end was cut off after the pixel data; a file without its closing
+        # IEND chunk is still a truncated copy, so it is refused rather than trusted
+        f.seek(max(0, path.stat().st_size - 12))
+        if f.read() != _PNG_IEND:
+            raise InputDataError(path, "truncated PNG file (no IEND chunk at the end)")
     if img.mode not in _GRAY_MODES:
         raise InputDataError(
             path, f"unsupported PNG mode {img.mode!r}: expected 8-bit gray, gray+alpha, RGB, RGBA or palette"
