@@ -220,3 +220,45 @@ def test_two_process_training_and_evaluation_match_single_process_outputs(synaps
     ]
     assert len(rows[0]) == 1 + 2 * 8 * 2  # header, 2 test cases x 8 organs x 2 protocols
     assert sorted(rows[0]) == sorted(rows[1])
+
+
+@pytest.mark.slow
+def test_cfformer_multi_gpu_train_runs_under_torchrun_with_rank0_outputs(tmp_path):
+    """CFFormer-s (the smallest variant, ~98 M parameters) for one DDP iteration per rank, then validation
+    sharded over both ranks: the same files as single-process training, written once."""
+    from hybridseg.data.busi import datalist_busi
+    from hybridseg.data.synth_busi import synth_busi
+
+    root = tmp_path / "BUSI small"
+    synth_busi(out=str(root), n=12, size=64, seed=0)
+    datalist_busi(root=str(root), out=str(root / "datalist.json"), seed=0)  # 6 train, 2 val, 2 test
+    files = bundle_files("cfformer_busi")
+    tiny = _write_overrides(
+        tmp_path / "tiny.json",
+        {
+            "variant": "s",
+            "image_size": [64, 64],
+            "batch_size": 1,
+            "max_epochs": 1,
+            "warmup_epochs": 0,
+            "num_workers": 0,
+            "amp": False,
+            "val_interval": 1,
+            "checkpoint_interval": 1,
+            "train#trainer#epoch_length": 1,
+        },
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file"]
+    cmd += [repr([files["train"], str(Path(files["train"]).parent / "multi_gpu_train.json"), tiny])]
+    cmd += ["--meta_file", files["meta_file"], "--logging_file", files["logging_file"]]
+    cmd += ["--dataset_dir", str(root), "--ckpt_dir", str(tmp_path / "models")]
+    cmd += ["--output_dir", str(tmp_path / "eval")]
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_last.pt", "model.pt"]
+    last = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == 1 and not any(k.startswith("module.") for k in last["model"])
+    events = list((tmp_path / "eval").glob("events.out.tfevents.*"))
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1, "TensorBoard files from 2 ranks"
+    assert (tmp_path / "eval" / "train.log").read_text().count("saved checkpoint") == 1
