@@ -368,7 +368,7 @@ class AtomicCheckpointSaver:
         self.save()
         self._saved_at = it
         if _is_rank0():
-                logger.info("saved checkpoint %s (epoch %d, iteration %d)", self.path, engine.state.epoch, it)
+            logger.info("saved checkpoint %s (epoch %d, iteration %d)", self.path, engine.state.epoch, it)
 
     def _on_metric(self, engine: Any) -> None:
         value = float(engine.state.metrics[self.key_metric])
