@@ -12,6 +12,7 @@ range), tests/test_transforms.py (2D where 3D is expected, NaN HU, label ids), t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -188,3 +189,46 @@ def test_a_datalist_entry_broken_after_the_datalist_was_built_stops_training_nam
     text = error_text(info.value)
     assert str(broken) in text and "unreadable or corrupt image file" in text
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir()), "a checkpoint was written"
+
+
+def test_jpeg_and_tiff_inputs_read_as_gray_while_busi_stays_png_only(tmp_path):
+    from hybridseg.data.busi import read_busi_image
+
+    img = np.full((6, 9, 3), 120, np.uint8)
+    for suffix in (".jpg", ".tif", ".bmp"):
+        Image.fromarray(img).save(tmp_path / f"x{suffix}")
+        arr, _ = read_2d(tmp_path / f"x{suffix}")
+        assert arr.shape == (6, 9) and abs(float(arr.mean()) - 120) < 2
+    with pytest.raises(InputDataError, match="expected a PNG file, found format JPEG"):
+        read_busi_image(tmp_path / "x.jpg")
+
+
+@pytest.mark.parametrize(
+    "write, problem",
+    [
+        (
+            lambda p: Image.fromarray(np.full((8, 8), 900, np.uint16)).save(p.with_suffix(".png")),
+            "mode 'I;16'",
+        ),
+        (lambda p: Image.new("CMYK", (8, 8)).save(p.with_suffix(".jpg")), "mode 'CMYK'"),
+        (lambda p: Image.new("F", (8, 8)).save(p.with_suffix(".tif")), "mode 'F'"),
+    ],
+    ids=["16bit_png", "cmyk_jpeg", "float_tiff"],
+)
+def test_images_with_unsupported_channels_or_bit_depth_are_refused_naming_the_file(tmp_path, write, problem):
+    write(tmp_path / "bad ä")
+    (path,) = tmp_path.iterdir()
+    with pytest.raises(InputDataError, match=re.escape(problem)) as info:
+        read_2d(path)
+    assert info.value.path == str(path)
+
+
+def test_a_truncated_jpeg_is_refused_naming_the_file(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(
+        tmp_path / "a.jpg"
+    )
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputDataError, match="unreadable or corrupt") as info:
+        read_2d(tmp_path / "a.jpg")
+    assert info.value.path == str(tmp_path / "a.jpg")
