@@ -232,3 +232,36 @@ def test_a_truncated_jpeg_is_refused_naming_the_file(tmp_path):
     with pytest.raises(InputDataError, match="unreadable or corrupt") as info:
         read_2d(tmp_path / "a.jpg")
     assert info.value.path == str(tmp_path / "a.jpg")
+
+
+def test_evaluation_stops_naming_a_test_label_of_another_shape(tmp_path):
+    """A test label replaced after the datalist was built (other grid): evaluation names it, no report."""
+    import torch
+    from hybridseg.data.synapse import datalist_synapse
+    from hybridseg.data.synth_synapse import synth_synapse
+
+    from tests.bundles.conftest import error_text, run_workflow, train_config
+    from tests.bundles.test_training_robustness import FILES, TINY
+
+    root = tmp_path / "CT set"
+    synth_synapse(out=str(root), n=3, shape=(32, 32, 8), seed=0)
+    datalist_synapse(root=str(root), out=str(root / "datalist.json"), seed=0, num_val=1)
+    test = json.loads((root / "datalist.json").read_text())["test"][0]
+    label = root / test["label"]
+    nib.save(nib.Nifti1Image(np.zeros((32, 30, 8), np.uint8), nib.load(str(label)).affine), str(label))
+    overrides = {**TINY, "dataset_dir": str(root), "ckpt_dir": str(tmp_path / "m")}
+    net = train_config("braunetpp_synapse", **overrides).get_parsed_content("network")
+    (tmp_path / "m").mkdir()
+    torch.save(net.state_dict(), tmp_path / "m" / "model.pt")
+    with pytest.raises(Exception) as info:
+        run_workflow(
+            "train",
+            [FILES["train"], FILES["evaluate"]],
+            FILES["meta_file"],
+            FILES["logging_file"],
+            output_dir=str(tmp_path / "out"),
+            **overrides,
+        )
+    text = error_text(info.value)
+    assert str(label) in text and "differs from its image's shape" in text
+    assert not (tmp_path / "out" / "metrics_per_case.csv").exists()
