@@ -262,3 +262,31 @@ def test_cfformer_multi_gpu_train_runs_under_torchrun_with_rank0_outputs(tmp_pat
     events = list((tmp_path / "eval").glob("events.out.tfevents.*"))
     assert events and len({e.name.split(".")[-2] for e in events}) == 1, "TensorBoard files from 2 ranks"
     assert (tmp_path / "eval" / "train.log").read_text().count("saved checkpoint") == 1
+
+
+@pytest.mark.slow
+def test_bundle_training_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(
+    synapse_small, tmp_path
+):
+    """An absurd learning rate blows the weights up within a few iterations: the bundle's own handlers stop
+    the run naming the iteration, and checkpoint_last.pt is the state from before it, with finite weights."""
+    from tests.bundles.conftest import error_text
+
+    with pytest.raises(Exception) as info:
+        run_workflow(
+            "train",
+            FILES["train"],
+            FILES["meta_file"],
+            FILES["logging_file"],
+            dataset_dir=str(synapse_small),
+            ckpt_dir=str(tmp_path / "models"),
+            output_dir=str(tmp_path / "eval"),
+            **{**TINY, "learning_rate": 1e12, "epoch_length": 8, "max_epochs": 1, "checkpoint_interval": 1},
+        )
+    text = error_text(info.value)
+    m = re.search(r"training loss is (nan|inf|-inf) at iteration (\d+) \(epoch 1\)", text)
+    assert m, text[-2000:]
+    assert "the last good checkpoint is kept" in text
+    last = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == int(m.group(2)) - 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
