@@ -216,3 +216,30 @@ def test_every_torch_load_in_the_package_uses_weights_only():
             if "weights_only=True" not in text[m.start() : m.start() + 300]:
                 offenders.append(f"{f.relative_to(REPO_ROOT)}: {call.strip()[:80]}")
     assert not offenders, offenders
+
+
+def test_fp16_amp_training_state_includes_the_gradient_scaler(tmp_path):
+    from monai.data import DataLoader
+    from monai.engines import SupervisedTrainer
+
+    net = torch.nn.Conv2d(1, 1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    data = [{"image": x, "label": torch.zeros_like(x)} for x in _images(2)]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=DataLoader(data, batch_size=1),
+        network=net,
+        optimizer=opt,
+        loss_function=torch.nn.L1Loss(),
+        amp=True,
+    )
+    state = training_state(net, opt, torch.optim.lr_scheduler.StepLR(opt, 1), trainer)
+    saver = AtomicCheckpointSaver(tmp_path, state)
+    saver.attach(trainer)
+    trainer.run()  # MONAI makes the scaler inside run(); the checkpoint must still hold its state
+    assert trainer.scaler is not None
+    saved = load_state_checkpoint(saver.path, list(state))["scaler"]
+    assert saved == trainer.scaler.state_dict()
+    _, plain = _trainer(_images(1))
+    assert "scaler" not in plain  # fp32 / bf16 runs have no scaler to save

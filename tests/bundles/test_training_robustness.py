@@ -220,3 +220,73 @@ def test_two_process_training_and_evaluation_match_single_process_outputs(synaps
     ]
     assert len(rows[0]) == 1 + 2 * 8 * 2  # header, 2 test cases x 8 organs x 2 protocols
     assert sorted(rows[0]) == sorted(rows[1])
+
+
+@pytest.mark.slow
+def test_cfformer_multi_gpu_train_runs_under_torchrun_with_rank0_outputs(tmp_path):
+    """CFFormer-s (the smallest variant, ~98 M parameters) for one DDP iteration per rank, then validation
+    sharded over both ranks: the same files as single-process training, written once."""
+    from hybridseg.data.busi import datalist_busi
+    from hybridseg.data.synth_busi import synth_busi
+
+    root = tmp_path / "BUSI small"
+    synth_busi(out=str(root), n=12, size=64, seed=0)
+    datalist_busi(root=str(root), out=str(root / "datalist.json"), seed=0)  # 6 train, 2 val, 2 test
+    files = bundle_files("cfformer_busi")
+    tiny = _write_overrides(
+        tmp_path / "tiny.json",
+        {
+            "variant": "s",
+            "image_size": [64, 64],
+            "batch_size": 1,
+            "max_epochs": 1,
+            "warmup_epochs": 0,
+            "num_workers": 0,
+            "amp": False,
+            "val_interval": 1,
+            "checkpoint_interval": 1,
+            "train#trainer#epoch_length": 1,
+        },
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file"]
+    cmd += [repr([files["train"], str(Path(files["train"]).parent / "multi_gpu_train.json"), tiny])]
+    cmd += ["--meta_file", files["meta_file"], "--logging_file", files["logging_file"]]
+    cmd += ["--dataset_dir", str(root), "--ckpt_dir", str(tmp_path / "models")]
+    cmd += ["--output_dir", str(tmp_path / "eval")]
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_last.pt", "model.pt"]
+    last = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == 1 and not any(k.startswith("module.") for k in last["model"])
+    events = list((tmp_path / "eval").glob("events.out.tfevents.*"))
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1, "TensorBoard files from 2 ranks"
+    assert (tmp_path / "eval" / "train.log").read_text().count("saved checkpoint") == 1
+
+
+@pytest.mark.slow
+def test_bundle_training_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(
+    synapse_small, tmp_path
+):
+    """An absurd learning rate blows the weights up within a few iterations: the bundle's own handlers stop
+    the run naming the iteration, and checkpoint_last.pt is the state from before it, with finite weights."""
+    from tests.bundles.conftest import error_text
+
+    with pytest.raises(Exception) as info:
+        run_workflow(
+            "train",
+            FILES["train"],
+            FILES["meta_file"],
+            FILES["logging_file"],
+            dataset_dir=str(synapse_small),
+            ckpt_dir=str(tmp_path / "models"),
+            output_dir=str(tmp_path / "eval"),
+            **{**TINY, "learning_rate": 1e12, "epoch_length": 8, "max_epochs": 1, "checkpoint_interval": 1},
+        )
+    text = error_text(info.value)
+    m = re.search(r"training loss is (nan|inf|-inf) at iteration (\d+) \(epoch 1\)", text)
+    assert m, text[-2000:]
+    assert "the last good checkpoint is kept" in text
+    last = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == int(m.group(2)) - 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())

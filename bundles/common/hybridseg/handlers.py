@@ -273,10 +273,27 @@ def training_state(network: Any, optimizer: Any, lr_scheduler: Any, trainer: Any
     """What a resumable checkpoint holds: network, optimizer, LR scheduler, trainer (epoch / iteration) and,
     when the trainer uses fp16 AMP, its gradient scaler."""
     state = {"model": network, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "trainer": trainer}
-    scaler = getattr(trainer, "scaler", None)
-    if getattr(trainer, "amp", False) and scaler is not None:
-        state["scaler"] = scaler
+    if getattr(trainer, "amp", False):
+        state["scaler"] = _TrainerScaler(trainer)
     return state
+
+
+class _TrainerScaler:
+    """The trainer's AMP GradScaler, looked up when saving/loading: MONAI's SupervisedTrainer makes a new
+    one at the start of every run(), after the configs built their save dicts (loading at STARTED comes
+    after that, so a resumed run gets the saved scale)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = getattr(self.trainer, "scaler", None)
+        return scaler.state_dict() if scaler is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        scaler = getattr(self.trainer, "scaler", None)
+        if scaler is not None and state:
+            scaler.load_state_dict(state)
 
 
 def _loss_of(engine: Any) -> float | None:
@@ -351,7 +368,7 @@ class AtomicCheckpointSaver:
         self.save()
         self._saved_at = it
         if _is_rank0():
-                logger.info("saved checkpoint %s (epoch %d, iteration %d)", self.path, engine.state.epoch, it)
+            logger.info("saved checkpoint %s (epoch %d, iteration %d)", self.path, engine.state.epoch, it)
 
     def _on_metric(self, engine: Any) -> None:
         value = float(engine.state.metrics[self.key_metric])

@@ -18,6 +18,7 @@ from hybridseg.io import InputDataError, atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + NIFTI_SUFFIXES
+IMAGE_2D_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # Pillow's names for the non-NIfTI suffixes above
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
@@ -46,7 +47,8 @@ def read_2d(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         return arr, np.asarray(img.affine, dtype=np.float64)
     from hybridseg.data.busi import read_busi_image
 
-    return read_busi_image(path).astype(np.float32), np.eye(4)
+    # inference accepts the other 8-bit formats of IMAGE_2D_SUFFIXES; BUSI's own files are all PNG
+    return read_busi_image(path, IMAGE_2D_FORMATS).astype(np.float32), np.eye(4)
 
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

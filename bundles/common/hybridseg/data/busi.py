@@ -52,8 +52,12 @@ def natural_key(text: str) -> tuple:
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t)
 
 
-def _load_png(path: Path) -> Image.Image:
-    """Open and fully decode a PNG, turning every decoder failure into an error naming the file."""
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _load_png(path: Path, formats: tuple[str, ...] = ("PNG",)) -> Image.Image:
+    """Open and fully decode a PNG (or another of Pillow's ``formats``), turning every decoder failure
+    into an error naming the file."""
     if not path.is_file():
         raise InputDataError(path, "file does not exist")
     try:
@@ -63,11 +67,20 @@ def _load_png(path: Path) -> Image.Image:
             img = im.copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise InputDataError(path, f"unreadable or corrupt image file ({err})") from err
-    if fmt != "PNG":
-        raise InputDataError(path, f"expected a PNG file, found format {fmt}")
+    if fmt not in formats:
+        expected = "a PNG file" if formats == ("PNG",) else f"one of the formats {', '.join(formats)}"
+        raise InputDataError(path, f"expected {expected}, found format {fmt}")
+    if fmt == "PNG":
+        with open(path, "rb") as f:
+            # Pillow decodes a PNG whose end was cut off after the pixel data; a file without its closing
+            # IEND chunk is still a truncated copy, so it is refused rather than trusted
+            f.seek(max(0, path.stat().st_size - 12))
+            if f.read() != _PNG_IEND:
+                raise InputDataError(path, "truncated PNG file (no IEND chunk at the end)")
     if img.mode not in _GRAY_MODES:
         raise InputDataError(
-            path, f"unsupported PNG mode {img.mode!r}: expected 8-bit gray, gray+alpha, RGB, RGBA or palette"
+            path,
+            f"unsupported {fmt} mode {img.mode!r}: expected 8-bit gray, gray+alpha, RGB, RGBA or palette",
         )
     if img.width == 0 or img.height == 0:
         raise InputDataError(path, "image has zero size")
@@ -89,7 +102,7 @@ def _to_gray(img: Image.Image) -> np.ndarray:
     return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
-def read_busi_image(path: str | os.PathLike) -> np.ndarray:
+def read_busi_image(path: str | os.PathLike, formats: tuple[str, ...] = ("PNG",)) -> np.ndarray:
     """Read one BUSI / Dataset B image as an (H, W) uint8 gray array.
 
     Gray PNGs are returned as stored; an alpha channel is ignored; RGB(A) and palette images are
@@ -97,7 +110,7 @@ def read_busi_image(path: str | os.PathLike) -> np.ndarray:
     stored as RGB, as some BUSI files are, come back unchanged). Raises :class:`InputDataError` naming
     the file when it is missing, unreadable, not a PNG, or not an 8-bit 2D image.
     """
-    return _to_gray(_load_png(Path(path)))
+    return _to_gray(_load_png(Path(path), formats))
 
 
 def _read_one_mask(path: Path) -> np.ndarray:

@@ -292,6 +292,8 @@ def validate_btcv_pair(
             f"label affine differs from its image's ({image.name}) by more than {affine_atol}:\n"
             f"{np.array2string(lab_aff, precision=4)}\nvs\n{np.array2string(img_aff, precision=4)}",
         )
+    if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+        raise InputDataError(image, "volume contains NaN or infinite values")
     if img.size and float(img.min()) >= 0.0 and float(img.max()) <= 1.0:
         raise InputDataError(
             image,
