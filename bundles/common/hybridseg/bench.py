@@ -506,6 +506,9 @@ def bench(
             "load_average_after": os.getloadavg(),
             "bundle_default_amp_dtype": _dtype_name(autocast_dtype(dev, True) or torch.float32),
             "flops_note": "forward FLOPs counted at batch 1 and scaled (all ops are per-sample)",
+            # Without a low mmap threshold glibc keeps freed blocks resident and reuses them, so the CPU
+            # peak-RSS growth of a warmed-up call understates its working set (docs/performance.md).
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         },
         "peaks": {_dtype_name(k): v for k, v in peaks.items()},
         "skipped": skipped,
