@@ -438,3 +438,13 @@ def test_cuda_autocast_stays_close_to_float32(random_models, dtype):
         model.cpu()
     assert y.dtype == dtype and torch.isfinite(y).all()
     assert max_abs_diff(y, ref) < 0.15 * ref.abs().max().item()
+
+
+def test_conv_weights_stay_channels_last_after_loading_a_contiguous_state_dict():
+    # Stored in the activations' layout, so oneDNN does not copy every weight on every call.
+    torch.manual_seed(0)
+    model = BRAUNetPP(embed_dims=(32, 64, 128, 256), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1))
+    conv_weights = [p for p in model.parameters() if p.ndim == 4]
+    assert len(conv_weights) > 10
+    model.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.ndim == 4)

@@ -168,19 +168,30 @@ def _sync(device: torch.device) -> None:
 def matmul_peak_tflops(
     dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 2048, reps: int = 5
 ) -> float:
-    """Best achieved TFLOP/s of an ``n`` x ``n`` matmul in ``dtype`` on ``device`` (after one warm-up)."""
+    """Best achieved TFLOP/s of a square matmul in ``dtype`` on ``device`` (after one warm-up).
+
+    The side doubles from 256 up to ``n``, stopping early once one product takes over 0.25 s: emulated
+    dtypes (bf16 on an AVX2-only CPU runs at ~0.3 GFLOP/s) would otherwise take minutes per product.
+    """
     device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    side = min(256, n)
+    while True:
+        a = torch.randn(side, side, device=device, dtype=dtype)
+        b = torch.randn(side, side, device=device, dtype=dtype)
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if side * 2 > n or time.perf_counter() - t0 > 0.25:
+            break
+        side *= 2
     best = float("inf")
-    a @ b
-    _sync(device)
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
+    return 2 * side**3 / best / 1e12
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -495,6 +506,9 @@ def bench(
             "load_average_after": os.getloadavg(),
             "bundle_default_amp_dtype": _dtype_name(autocast_dtype(dev, True) or torch.float32),
             "flops_note": "forward FLOPs counted at batch 1 and scaled (all ops are per-sample)",
+            # Without a low mmap threshold glibc keeps freed blocks resident and reuses them, so the CPU
+            # peak-RSS growth of a warmed-up call understates its working set (docs/performance.md).
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         },
         "peaks": {_dtype_name(k): v for k, v in peaks.items()},
         "skipped": skipped,
