@@ -135,6 +135,7 @@ def test_one_channel_input_is_repeated_and_matches_reference(reference):
     torch.testing.assert_close(y, fx["output_1ch"], **FULL_TOL)
 
 
+@pytest.mark.slow  # ~30 s on CPUs without native bf16 (emulated kernels)
 def test_bf16_autocast_stays_close_to_float32(reference):
     # With the fixture's random weights the routing logits of many regions nearly tie (margins down to
     # 2e-5), so bf16 rounding re-routes a part of the regions and the whole-network error (about 9 %
