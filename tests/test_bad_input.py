@@ -166,7 +166,7 @@ def test_a_datalist_entry_broken_after_the_datalist_was_built_stops_training_nam
     from hybridseg.data.busi import datalist_busi
     from hybridseg.data.synth_busi import synth_busi
 
-    from tests.bundles.conftest import error_text, run_workflow
+    from tests.bundles.conftest import workflow_error
     from tests.bundles.test_cfformer_busi import FILES, TINY
 
     root = tmp_path / "BUSI ünïcode"
@@ -175,18 +175,15 @@ def test_a_datalist_entry_broken_after_the_datalist_was_built_stops_training_nam
     entry = json.loads((root / "datalist.json").read_text())["training"][0]
     broken = root / entry["image"]
     broken.write_bytes(broken.read_bytes()[:60])
-    with pytest.raises(Exception) as info:
-        run_workflow(
-            "train",
-            FILES["train"],
-            FILES["meta_file"],
-            FILES["logging_file"],
-            dataset_dir=str(root),
-            ckpt_dir=str(tmp_path / "m"),
-            output_dir=str(tmp_path / "e"),
-            **TINY,
-        )
-    text = error_text(info.value)
+    text = workflow_error(
+        FILES["train"],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        dataset_dir=str(root),
+        ckpt_dir=str(tmp_path / "m"),
+        output_dir=str(tmp_path / "e"),
+        **TINY,
+    )
     assert str(broken) in text and "unreadable or corrupt image file" in text
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir()), "a checkpoint was written"
 
@@ -240,7 +237,7 @@ def test_evaluation_stops_naming_a_test_label_of_another_shape(tmp_path):
     from hybridseg.data.synapse import datalist_synapse
     from hybridseg.data.synth_synapse import synth_synapse
 
-    from tests.bundles.conftest import error_text, run_workflow, train_config
+    from tests.bundles.conftest import train_config, workflow_error
     from tests.bundles.test_training_robustness import FILES, TINY
 
     root = tmp_path / "CT set"
@@ -253,15 +250,12 @@ def test_evaluation_stops_naming_a_test_label_of_another_shape(tmp_path):
     net = train_config("braunetpp_synapse", **overrides).get_parsed_content("network")
     (tmp_path / "m").mkdir()
     torch.save(net.state_dict(), tmp_path / "m" / "model.pt")
-    with pytest.raises(Exception) as info:
-        run_workflow(
-            "train",
-            [FILES["train"], FILES["evaluate"]],
-            FILES["meta_file"],
-            FILES["logging_file"],
-            output_dir=str(tmp_path / "out"),
-            **overrides,
-        )
-    text = error_text(info.value)
+    text = workflow_error(
+        [FILES["train"], FILES["evaluate"]],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        output_dir=str(tmp_path / "out"),
+        **overrides,
+    )
     assert str(label) in text and "differs from its image's shape" in text
     assert not (tmp_path / "out" / "metrics_per_case.csv").exists()

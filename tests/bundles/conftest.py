@@ -130,3 +130,10 @@ def error_text(exc: BaseException) -> str:
         parts.append(str(exc))
         exc = exc.__cause__ or exc.__context__
     return "\n".join(parts)
+
+
+def workflow_error(config_file, meta_file: str, logging_file: str, **overrides) -> str:
+    """Run a train-type workflow that must fail; return the text of the error and of every error behind it."""
+    with pytest.raises(Exception) as info:
+        run_workflow("train", config_file, meta_file, logging_file, **overrides)
+    return error_text(info.value)

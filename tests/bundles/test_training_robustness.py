@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.bundles.conftest import bundle_files, run_workflow
+from tests.bundles.conftest import bundle_files, run_workflow, workflow_error
 from tests.reference import REPO_ROOT
 
 FILES = bundle_files("braunetpp_synapse")
@@ -270,20 +270,15 @@ def test_bundle_training_stops_on_a_non_finite_loss_and_keeps_the_last_good_chec
 ):
     """An absurd learning rate blows the weights up within a few iterations: the bundle's own handlers stop
     the run naming the iteration, and checkpoint_last.pt is the state from before it, with finite weights."""
-    from tests.bundles.conftest import error_text
-
-    with pytest.raises(Exception) as info:
-        run_workflow(
-            "train",
-            FILES["train"],
-            FILES["meta_file"],
-            FILES["logging_file"],
-            dataset_dir=str(synapse_small),
-            ckpt_dir=str(tmp_path / "models"),
-            output_dir=str(tmp_path / "eval"),
-            **{**TINY, "learning_rate": 1e12, "epoch_length": 8, "max_epochs": 1, "checkpoint_interval": 1},
-        )
-    text = error_text(info.value)
+    text = workflow_error(
+        FILES["train"],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        dataset_dir=str(synapse_small),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        **{**TINY, "learning_rate": 1e12, "epoch_length": 8, "max_epochs": 1, "checkpoint_interval": 1},
+    )
     m = re.search(r"training loss is (nan|inf|-inf) at iteration (\d+) \(epoch 1\)", text)
     assert m, text[-2000:]
     assert "the last good checkpoint is kept" in text
