@@ -1,5 +1,5 @@
 # Both targets create or reuse the pinned environment in .venv (ci/env.sh) first.
-.PHONY: demo test env lint bench clean
+.PHONY: demo test env lint format bench clean
 
 demo:
 	bash ci/demo.sh
@@ -12,6 +12,13 @@ env:
 
 lint: env
 	.venv/bin/python -m ruff check bundles tests ci
+	.venv/bin/python -m black --check bundles tests ci
+	.venv/bin/python -m isort --check-only bundles tests ci
+	.venv/bin/python -m flake8 bundles tests ci
+
+format: env
+	.venv/bin/python -m isort bundles tests ci
+	.venv/bin/python -m black bundles tests ci
 
 bench: env
 	.venv/bin/python -m hybridseg bench

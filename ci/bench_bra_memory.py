@@ -18,7 +18,7 @@ Formulations:
 * ``ours``: ours as shipped (default ``kv_chunk_bytes``, 16 MiB): the gather is done per chunk of
   query regions, each chunk's gathered keys/values at most 16 MiB.
 
-``--latency`` also prints the whole network's latency with ``hybridseg.bench`` (batch 1 at 224 in
+``--latency`` also prints the whole network's latency with ``hybridseg.tools.bench`` (batch 1 at 224 in
 float32 and bf16 autocast, and a batch-2 training step).
 
 Usage: ``.venv/bin/python ci/bench_bra_memory.py [--topk 2 4 8] [--threads 2] [--latency]``
@@ -35,6 +35,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from hybridseg.networks.bra import DEFAULT_KV_CHUNK_BYTES, BiLevelRoutingAttention, partition_regions
 
 MAP, DIM, HEADS, N_WIN = 128, 96, 3, 8
@@ -137,9 +138,9 @@ def check_same_numbers(topk: int) -> float:
 
 
 def latency(threads: int) -> None:
-    """Whole-network latency with hybridseg.bench (medians after warm-up)."""
-    from hybridseg.bench import time_forward, time_train_step
+    """Whole-network latency with hybridseg.tools.bench (medians after warm-up)."""
     from hybridseg.networks.braunetpp import BRAUNetPP
+    from hybridseg.tools.bench import time_forward, time_train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from hybridseg.data.busi import datalist_busi
-from hybridseg.data.synth_busi import synth_busi
 from ignite.engine import Events
 from monai.bundle import ConfigParser
+
+from hybridseg.data.busi import datalist_busi
+from hybridseg.tools.synth_busi import synth_busi
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cfformer_busi" / "configs"
 
@@ -63,12 +64,7 @@ def main() -> None:
         parser = ConfigParser()
         parser.read_config([str(BUNDLE / "train.json"), str(BUNDLE / "quick.json")])
         parser.update(
-            {
-                "dataset_dir": str(data),
-                "bundle_root": tmp,
-                "max_epochs": args.epochs,
-                "val_interval": args.epochs,
-            }
+            {"dataset_dir": str(data), "bundle_root": tmp, "max_epochs": args.epochs, "val_interval": args.epochs}
         )
         parser.parse()
         parser.get_parsed_content("initialize")

@@ -25,8 +25,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from hybridseg.inferers import ResizedSliceInferer
 from scipy import ndimage
+
+from hybridseg.inferers import ResizedSliceInferer
 
 ROOT = Path(__file__).resolve().parents[1]
 ROI = (224, 224)
@@ -65,7 +66,8 @@ def ours(vol: torch.Tensor, sw_batch_size: int = 24) -> torch.Tensor:
 
 def bench_resize(vol: np.ndarray, reps: int) -> None:
     t = torch.from_numpy(vol)
-    reference_protocol(vol[..., :2]), ours(t[..., :2])  # warm-up
+    reference_protocol(vol[..., :2])  # warm-up
+    ours(t[..., :2])
     times: dict[str, list[float]] = {"reference (scipy loop)": [], "ours (batched torch)": []}
     for _ in range(reps):  # interleaved
         t0 = time.perf_counter()

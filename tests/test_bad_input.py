@@ -4,7 +4,7 @@ and evaluation). Every failure must be an InputDataError naming the file, never 
 
 Inventory of the other bad-input tests: tests/data/test_busi.py (corrupt/truncated PNG, masks with bad
 values or sizes, missing/empty folders, duplicates), tests/data/test_synapse.py (corrupt/truncated NIfTI,
-not 3D, label shape/affine/ids, empty folders), tests/data/test_transunet.py (corrupt npz/h5, label ids,
+not 3D, label shape/affine/ids, empty folders), tests/tools/test_transunet.py (corrupt npz/h5, label ids,
 range), tests/test_transforms.py (2D where 3D is expected, NaN HU, label ids), the bundle tests
 (inference: unreadable PNG, empty folder, 3D NIfTI where 2D is expected, 2D/NaN volumes; DICOM series).
 """
@@ -19,12 +19,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from hybridseg.io import InputDataError
-from hybridseg.transforms import read_2d, read_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
+
+from hybridseg.io import InputDataError
+from hybridseg.transforms import read_2d, read_volume
 
 # file names a user might have: spaces, accents, non-Latin scripts (kept short for every file system)
 NAMES = st.sampled_from(["scan", "my scan", "Bild-ä", "图像 1", "ecografía", "x"])
@@ -45,11 +46,7 @@ def _fresh(tmp_path: Path, name: str) -> Path:
 
 
 @PROPS
-@given(
-    img=arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12))),
-    rgb=st.booleans(),
-    name=NAMES,
-)
+@given(img=arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12))), rgb=st.booleans(), name=NAMES)
 def test_any_valid_8bit_png_reads_back_as_its_gray_values(tmp_path, img, rgb, name):
     path = _fresh(tmp_path, f"{name}.png")
     Image.fromarray(np.stack([img] * 3, -1) if rgb else img).save(path)
@@ -59,11 +56,7 @@ def test_any_valid_8bit_png_reads_back_as_its_gray_values(tmp_path, img, rgb, na
 
 
 @PROPS
-@given(
-    img=arrays(np.uint8, st.tuples(st.integers(2, 12), st.integers(2, 12))),
-    cut=st.floats(0.0, 0.95),
-    name=NAMES,
-)
+@given(img=arrays(np.uint8, st.tuples(st.integers(2, 12), st.integers(2, 12))), cut=st.floats(0.0, 0.95), name=NAMES)
 def test_any_truncated_png_is_refused_naming_the_file(tmp_path, img, cut, name):
     path = _fresh(tmp_path, f"{name}.png")
     Image.fromarray(img).save(path)
@@ -76,11 +69,7 @@ def test_any_truncated_png_is_refused_naming_the_file(tmp_path, img, cut, name):
 
 @PROPS
 @given(
-    arr=arrays(
-        np.float32,
-        st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple),
-        elements=_voxels(-1e4, 1e4),
-    ),
+    arr=arrays(np.float32, st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple), elements=_voxels(-1e4, 1e4)),
     name=NAMES,
 )
 def test_nifti_2d_reader_accepts_exactly_finite_2d_images(tmp_path, arr, name):
@@ -101,9 +90,7 @@ def test_nifti_2d_reader_accepts_exactly_finite_2d_images(tmp_path, arr, name):
 @PROPS
 @given(
     arr=arrays(
-        np.float32,
-        st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple),
-        elements=_voxels(-2000, 3000),
+        np.float32, st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple), elements=_voxels(-2000, 3000)
     ),
     truncate=st.booleans(),
     name=NAMES,
@@ -146,7 +133,7 @@ def test_a_corrupt_dicom_series_is_refused_naming_the_folder(tmp_path):
 
 def test_datalist_builder_refuses_a_ct_volume_with_nan_voxels(tmp_path):
     from hybridseg.data.synapse import datalist_synapse
-    from hybridseg.data.synth_synapse import synth_synapse
+    from hybridseg.tools.synth_synapse import synth_synapse
 
     root = tmp_path / "Training"
     synth_synapse(out=str(root), n=2, shape=(32, 32, 8), seed=0)
@@ -164,8 +151,7 @@ def test_datalist_builder_refuses_a_ct_volume_with_nan_voxels(tmp_path):
 def test_a_datalist_entry_broken_after_the_datalist_was_built_stops_training_naming_it(tmp_path):
     """The datalist was fine when written; a file then got truncated (a failed copy): training names it."""
     from hybridseg.data.busi import datalist_busi
-    from hybridseg.data.synth_busi import synth_busi
-
+    from hybridseg.tools.synth_busi import synth_busi
     from tests.bundles.conftest import workflow_error
     from tests.bundles.test_cfformer_busi import FILES, TINY
 
@@ -203,10 +189,7 @@ def test_jpeg_and_tiff_inputs_read_as_gray_while_busi_stays_png_only(tmp_path):
 @pytest.mark.parametrize(
     "write, problem",
     [
-        (
-            lambda p: Image.fromarray(np.full((8, 8), 900, np.uint16)).save(p.with_suffix(".png")),
-            "mode 'I;16'",
-        ),
+        (lambda p: Image.fromarray(np.full((8, 8), 900, np.uint16)).save(p.with_suffix(".png")), "mode 'I;16'"),
         (lambda p: Image.new("CMYK", (8, 8)).save(p.with_suffix(".jpg")), "mode 'CMYK'"),
         (lambda p: Image.new("F", (8, 8)).save(p.with_suffix(".tif")), "mode 'F'"),
     ],
@@ -221,9 +204,7 @@ def test_images_with_unsupported_channels_or_bit_depth_are_refused_naming_the_fi
 
 
 def test_a_truncated_jpeg_is_refused_naming_the_file(tmp_path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(
-        tmp_path / "a.jpg"
-    )
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / "a.jpg")
     data = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "a.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputDataError, match="unreadable or corrupt") as info:
@@ -234,9 +215,9 @@ def test_a_truncated_jpeg_is_refused_naming_the_file(tmp_path):
 def test_evaluation_stops_naming_a_test_label_of_another_shape(tmp_path):
     """A test label replaced after the datalist was built (other grid): evaluation names it, no report."""
     import torch
-    from hybridseg.data.synapse import datalist_synapse
-    from hybridseg.data.synth_synapse import synth_synapse
 
+    from hybridseg.data.synapse import datalist_synapse
+    from hybridseg.tools.synth_synapse import synth_synapse
     from tests.bundles.conftest import train_config, workflow_error
     from tests.bundles.test_training_robustness import FILES, TINY
 

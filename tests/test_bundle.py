@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hybridseg.bundle import bundle_root, collect_inputs, warmup_poly_lambda
-from hybridseg.io import InputDataError
 from PIL import Image
 
+from hybridseg.bundle import bundle_root, collect_inputs, warmup_poly_lambda
+from hybridseg.io import InputDataError
 from tests.reference import REPO_ROOT
 
 
 def test_bundle_root_is_found_from_the_repository_root_and_from_the_bundle_folder(monkeypatch):
-    for cwd in (
-        REPO_ROOT,
-        REPO_ROOT / "bundles" / "cfformer_busi",
-        REPO_ROOT / "bundles" / "braunetpp_synapse",
-    ):
+    for cwd in (REPO_ROOT, REPO_ROOT / "bundles" / "cfformer_busi", REPO_ROOT / "bundles" / "braunetpp_synapse"):
         monkeypatch.chdir(cwd)
         assert bundle_root("cfformer_busi") == str(REPO_ROOT / "bundles" / "cfformer_busi")
         assert bundle_root("braunetpp_synapse") == str(REPO_ROOT / "bundles" / "braunetpp_synapse")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
+
 from hybridseg.handlers import (
     AtomicCheckpointSaver,
     NonFiniteLossError,
@@ -22,8 +24,6 @@ from hybridseg.handlers import (
     training_state,
 )
 from hybridseg.io import InputDataError, load_state_checkpoint
-from ignite.engine import Events
-
 from tests.reference import REPO_ROOT
 
 
@@ -118,9 +118,7 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(t
     """SIGKILL in the middle of torch.save (a job killed by the scheduler): the old file still loads."""
     torch.save({"weight": torch.ones(4, 4), "bias": torch.zeros(4)}, tmp_path / "model.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)], env=env, cwd=REPO_ROOT, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)], env=env, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     state = load_state_checkpoint(tmp_path / "model.pt", ["model"])["model"]
     assert torch.equal(state["weight"], torch.ones(4, 4)), "the previous checkpoint was damaged"

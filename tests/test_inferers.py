@@ -6,10 +6,11 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hybridseg.inferers import AutocastInferer, ResizedSliceInferer
-from hybridseg.transforms import LoadVolumed, ScaleHUWindowd
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, NormalizeIntensityd
+
+from hybridseg.inferers import AutocastInferer, ResizedSliceInferer
+from hybridseg.transforms import LoadVolumed, ScaleHUWindowd
 
 
 class _SliceNet(torch.nn.Module):

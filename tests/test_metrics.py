@@ -9,6 +9,15 @@ import medpy.metric.binary as medpy_binary
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
+from medpy.metric.binary import dc
+from medpy.metric.binary import hd95 as medpy_hd95
+from medpy.metric.binary import jc
+from monai.data import MetaTensor
+from monai.handlers import IgniteMetricHandler, MetricsSaver
+from monai.metrics import HausdorffDistanceMetric
+from scipy import ndimage
+
 from hybridseg.metrics import (
     MetricRecord,
     SegmentationProtocolMetric,
@@ -21,15 +30,8 @@ from hybridseg.metrics import (
     summarize,
     surface_distances,
 )
-from ignite.engine import Engine
-from medpy.metric.binary import dc, jc
-from medpy.metric.binary import hd95 as medpy_hd95
-from monai.data import MetaTensor
-from monai.handlers import IgniteMetricHandler, MetricsSaver
-from monai.metrics import HausdorffDistanceMetric
-from scipy import ndimage
 
-medpy_surface_distances = getattr(medpy_binary, "__surface_distances")  # module-private, name not mangled
+medpy_surface_distances = medpy_binary.__dict__["__surface_distances"]  # module-private, name not mangled
 
 
 def blobs(rng: np.random.Generator, shape: tuple[int, ...], level: float = 0.2) -> np.ndarray:
@@ -107,18 +109,14 @@ def test_dice_iou_hd95_and_surface_distances_equal_medpy_on_crafted_masks(name: 
 
 
 @pytest.mark.parametrize("shape", [(30, 34), (14, 16, 12)])
-def test_hd95_equals_medpy_on_random_blobs_with_and_without_anisotropic_spacing(
-    shape: tuple[int, ...],
-) -> None:
+def test_hd95_equals_medpy_on_random_blobs_with_and_without_anisotropic_spacing(shape: tuple[int, ...]) -> None:
     spacings = [None, (2.5, 0.7, 0.9)[: len(shape)], 0.6]
     for a, b in random_pairs(seed=len(shape), shape=shape, count=12):
         assert dice(a, b) == dc(a, b)
         assert iou(a, b) == jc(a, b)
         for spacing in spacings:
             assert hd95(a, b, spacing) == medpy_hd95(a, b, voxelspacing=spacing)
-            np.testing.assert_array_equal(
-                surface_distances(a, b, spacing), medpy_surface_distances(a, b, spacing)
-            )
+            np.testing.assert_array_equal(surface_distances(a, b, spacing), medpy_surface_distances(a, b, spacing))
 
 
 @pytest.mark.parametrize("shape", [(30, 34), (14, 16, 12)])
@@ -215,9 +213,7 @@ def test_paper_protocol_equals_official_percase_rules_on_crafted_and_random_labe
     for _ in range(4):
         # 4 classes from smoothed noise, so sizes, touching and missing classes vary
         labels = [
-            np.digitize(
-                ndimage.gaussian_filter(rng.standard_normal((12, 16, 14)), 1.5), [0.1, 0.25, 0.4, 0.55]
-            )
+            np.digitize(ndimage.gaussian_filter(rng.standard_normal((12, 16, 14)), 1.5), [0.1, 0.25, 0.4, 0.55])
             for _ in range(2)
         ]
         volumes.append((labels[0].astype(np.int16), labels[1].astype(np.int16)))
@@ -329,12 +325,7 @@ def test_summarize_averages_cases_per_class_then_classes_skipping_and_counting_n
     assert (s["protocol"], s["hd95_unit"], s["hd95_method"], s["std_ddof"]) == ("physical", "mm", "pooled", 0)
     c1, c2 = s["per_class"][1], s["per_class"][2]
     assert c1["name"] == "aorta" and c1["n_cases"] == 3
-    assert c1["dice"] == {
-        "mean": pytest.approx(0.8),
-        "std": pytest.approx(math.sqrt(0.08 / 3)),
-        "n": 3,
-        "n_nan": 0,
-    }
+    assert c1["dice"] == {"mean": pytest.approx(0.8), "std": pytest.approx(math.sqrt(0.08 / 3)), "n": 3, "n_nan": 0}
     assert c1["hd95"] == {"mean": 4.0, "std": 2.0, "n": 2, "n_nan": 1}
     assert c2["dice"]["mean"] == 0.25 and c2["dice"]["n_nan"] == 1
     assert c2["hd95"] == {"mean": 4.0, "std": 0.0, "n": 1, "n_nan": 2}
@@ -426,9 +417,7 @@ def test_metric_class_reads_spacing_per_item_from_metatensor_affine_and_explicit
     override(torch.from_numpy(pred), y)
     np.testing.assert_allclose(override.get_buffer()[:, 0].numpy(), [2 * math.sqrt(26.0)] * 2)
     with pytest.raises(ValueError, match="spacing"):
-        SegmentationProtocolMetric(2, protocol="physical", metric="hd95")(
-            torch.from_numpy(pred), torch.from_numpy(gt)
-        )
+        SegmentationProtocolMetric(2, protocol="physical", metric="hd95")(torch.from_numpy(pred), torch.from_numpy(gt))
 
 
 def test_metric_class_busi_ignores_the_identity_affine_of_png_images() -> None:
@@ -457,9 +446,9 @@ def test_ignite_metric_handler_and_metrics_saver_record_mean_and_per_item_values
         {"pred": list(pred[:1]), "label": list(gt[:1]), "names": ["case_c"]},
     ]
     engine = Engine(lambda eng, batch: (batch["pred"], batch["label"]))
-    IgniteMetricHandler(
-        SegmentationProtocolMetric(4, protocol="paper", metric="hd95"), save_details=True
-    ).attach(engine, "hd95")
+    IgniteMetricHandler(SegmentationProtocolMetric(4, protocol="paper", metric="hd95"), save_details=True).attach(
+        engine, "hd95"
+    )
     MetricsSaver(
         str(tmp_path),
         metric_details=["hd95"],

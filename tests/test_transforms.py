@@ -6,6 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
+from PIL import Image
+
 from hybridseg.io import InputDataError
 from hybridseg.transforms import (
     CheckVolumePaird,
@@ -16,8 +19,6 @@ from hybridseg.transforms import (
     ScaleHUWindowd,
     read_volume,
 )
-from monai.data import MetaTensor
-from PIL import Image
 
 
 def _volume(shape, name="img.nii.gz"):
@@ -32,15 +33,11 @@ def test_check_volume_pair_names_the_label_whose_shape_differs():
 
 def test_check_volume_pair_refuses_a_2d_image_where_3d_is_expected():
     with pytest.raises(InputDataError, match="img.nii.gz: expected a single-channel 3D volume"):
-        CheckVolumePaird()(
-            {"image": MetaTensor(torch.zeros(1, 8, 8), meta={"filename_or_obj": "img.nii.gz"})}
-        )
+        CheckVolumePaird()({"image": MetaTensor(torch.zeros(1, 8, 8), meta={"filename_or_obj": "img.nii.gz"})})
 
 
 def test_map_labels_applies_the_named_btcv_to_synapse_mapping():
-    label = MetaTensor(
-        torch.tensor([[[0.0, 8.0, 4.0, 11.0, 1.0, 9.0]]]), meta={"filename_or_obj": "l.nii.gz"}
-    )
+    label = MetaTensor(torch.tensor([[[0.0, 8.0, 4.0, 11.0, 1.0, 9.0]]]), meta={"filename_or_obj": "l.nii.gz"})
     out = MapLabelsd("label", "transunet_8organ")({"label": label})["label"]
     # aorta 8->1, gallbladder 4->2, pancreas 11->6, spleen 1->7, inferior vena cava 9 -> background
     assert out.tolist() == [[[0, 1, 2, 6, 7, 0]]]
@@ -73,10 +70,7 @@ def test_load_2d_unions_masks_and_refuses_a_mask_of_another_size(tmp_path):
     Image.fromarray(m1).save(tmp_path / "a_mask.png")
     Image.fromarray(m2).save(tmp_path / "a_mask_1.png")
     out = LoadImage2Dd()(
-        {
-            "image": str(tmp_path / "a.png"),
-            "label": [str(tmp_path / "a_mask.png"), str(tmp_path / "a_mask_1.png")],
-        }
+        {"image": str(tmp_path / "a.png"), "label": [str(tmp_path / "a_mask.png"), str(tmp_path / "a_mask_1.png")]}
     )
     assert out["image"].shape == (1, 20, 30) and out["label"].sum().item() == 9 + 10
     Image.fromarray(np.zeros((21, 30), np.uint8)).save(tmp_path / "b_mask.png")

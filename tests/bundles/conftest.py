@@ -81,12 +81,7 @@ def train_then_evaluate(bundle: str, dataset_dir: Path, work: Path, **overrides)
     files = bundle_files(bundle)
     common = dict(dataset_dir=str(dataset_dir), ckpt_dir=str(work / "models"), **overrides)
     run_workflow(
-        "train",
-        files["train"],
-        files["meta_file"],
-        files["logging_file"],
-        output_dir=str(work / "eval"),
-        **common,
+        "train", files["train"], files["meta_file"], files["logging_file"], output_dir=str(work / "eval"), **common
     )
     run_workflow(
         "train",
@@ -103,7 +98,7 @@ def train_then_evaluate(bundle: str, dataset_dir: Path, work: Path, **overrides)
 def busi_dir(tmp_path_factory) -> Path:
     """A tiny BUSI-like set (24 images of 96 px) with its datalist, made once per session."""
     from hybridseg.data.busi import datalist_busi
-    from hybridseg.data.synth_busi import synth_busi
+    from hybridseg.tools.synth_busi import synth_busi
 
     root = tmp_path_factory.mktemp("busi") / "Dataset_BUSI_with_GT"
     synth_busi(out=str(root), n=24, size=96, seed=0)
@@ -115,7 +110,7 @@ def busi_dir(tmp_path_factory) -> Path:
 def synapse_dir(tmp_path_factory) -> Path:
     """Six tiny BTCV-like volumes (64x64x12) with a datalist: 4 training (1 of them validation), 2 test."""
     from hybridseg.data.synapse import datalist_synapse
-    from hybridseg.data.synth_synapse import synth_synapse
+    from hybridseg.tools.synth_synapse import synth_synapse
 
     root = tmp_path_factory.mktemp("synapse") / "Training"
     synth_synapse(out=str(root), n=6, shape=(64, 64, 32), seed=0)

@@ -29,9 +29,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def trained(synapse_dir, tmp_path_factory):
-    return train_then_evaluate(
-        "braunetpp_synapse", synapse_dir, tmp_path_factory.mktemp("braunetpp_run"), **TINY
-    )
+    return train_then_evaluate("braunetpp_synapse", synapse_dir, tmp_path_factory.mktemp("braunetpp_run"), **TINY)
 
 
 def test_training_writes_checkpoints_and_logs(trained):
@@ -118,27 +116,14 @@ def test_training_on_a_tiny_set_lowers_the_loss(synapse_dir, tmp_path):
     assert after < before, f"loss did not drop: {before:.4f} -> {after:.4f}"
 
 
-@pytest.mark.parametrize(
-    "make, problem",
-    [
-        ("2d", "expected a 3D volume"),
-        ("nan", "NaN"),
-    ],
-)
+@pytest.mark.parametrize("make, problem", [("2d", "expected a 3D volume"), ("nan", "NaN")])
 def test_inference_bad_volume_fails_naming_the_file(trained, tmp_path, make, problem):
     inputs = tmp_path / "in"
     inputs.mkdir()
     arr = np.zeros((32, 32), np.int16) if make == "2d" else np.full((32, 32, 8), np.nan, np.float32)
     nib.save(nib.Nifti1Image(arr, np.eye(4)), str(inputs / "bad.nii.gz"))
     with pytest.raises(Exception) as info:
-        infer(
-            FILES["bundle"],
-            inputs,
-            tmp_path / "out",
-            trained / "models" / "model.pt",
-            image_size=[64, 64],
-            n_win=4,
-        )
+        infer(FILES["bundle"], inputs, tmp_path / "out", trained / "models" / "model.pt", image_size=[64, 64], n_win=4)
     text = error_text(info.value)
     assert problem in text and "bad.nii.gz" in text
 
@@ -160,9 +145,7 @@ def test_inference_reads_a_dicom_series_folder_and_writes_its_grid(trained, syna
     ct = np.asarray(nib.load(sorted((synapse_dir / "img").glob("*.nii.gz"))[0]).dataobj)  # (x, y, z) HU
     _write_dicom_series(tmp_path / "in" / "series1", ct.transpose(2, 1, 0))
     out = tmp_path / "out"
-    infer(
-        FILES["bundle"], tmp_path / "in", out, trained / "models" / "model.pt", image_size=[64, 64], n_win=4
-    )
+    infer(FILES["bundle"], tmp_path / "in", out, trained / "models" / "model.pt", image_size=[64, 64], n_win=4)
     seg = nib.load(out / "series1_seg.nii.gz")
     assert seg.shape == ct.shape
     assert json.loads((out / "series1_seg.json").read_text())["source"].endswith("series1")

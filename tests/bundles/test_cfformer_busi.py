@@ -99,12 +99,7 @@ def test_inference_refuses_3d_nifti_where_2d_is_expected(trained, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), np.float32), np.eye(4)), str(inputs / "vol.nii.gz"))
     with pytest.raises(Exception) as info:
         infer(
-            FILES["bundle"],
-            inputs,
-            tmp_path / "out",
-            trained / "models" / "model.pt",
-            variant="s",
-            image_size=[64, 64],
+            FILES["bundle"], inputs, tmp_path / "out", trained / "models" / "model.pt", variant="s", image_size=[64, 64]
         )
     assert "expected a 2D image" in error_text(info.value) and "vol.nii.gz" in error_text(info.value)
 

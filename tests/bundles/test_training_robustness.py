@@ -45,7 +45,7 @@ TINY = {
 def synapse_small(tmp_path_factory) -> Path:
     """Six 64x64x16 volumes: 2 training, 2 validation, 2 test (two of each so that two ranks share them)."""
     from hybridseg.data.synapse import datalist_synapse
-    from hybridseg.data.synth_synapse import synth_synapse
+    from hybridseg.tools.synth_synapse import synth_synapse
 
     root = tmp_path_factory.mktemp("synapse small") / "Träining"  # a space and a non-ASCII letter
     synth_synapse(out=str(root), n=6, shape=(64, 64, 16), seed=1)
@@ -97,9 +97,7 @@ def test_training_killed_mid_epoch_resumes_from_the_saved_iteration(synapse_smal
         },
     )
     args = {"dataset_dir": synapse_small, "ckpt_dir": work / "models"}
-    killed = _run(
-        [sys.executable] + _bundle_cmd([FILES["train"], base, killer], output_dir=work / "run1", **args)
-    )
+    killed = _run([sys.executable] + _bundle_cmd([FILES["train"], base, killer], output_dir=work / "run1", **args))
     assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
     ckpt = work / "models" / "checkpoint_last.pt"
     assert _trainer_iteration(ckpt) == 4
@@ -108,11 +106,7 @@ def test_training_killed_mid_epoch_resumes_from_the_saved_iteration(synapse_smal
     resumed = _run(
         [sys.executable]
         + _bundle_cmd(
-            [FILES["train"], base],
-            output_dir=work / "run2",
-            resume_from="auto",
-            checkpoint_interval=1,
-            **args,
+            [FILES["train"], base], output_dir=work / "run2", resume_from="auto", checkpoint_interval=1, **args
         )
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -144,9 +138,7 @@ def _losses_of(dataset_dir: Path, work: Path, overrides: dict) -> list[float]:
     from ignite.engine import Events
 
     trainer = wf.parser.get_parsed_content("train#trainer")
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"]))
-    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
     wf.run()
     wf.finalize()
     return losses
@@ -176,14 +168,11 @@ def test_two_process_training_and_evaluation_match_single_process_outputs(synaps
     once, from rank 0; multi_gpu_evaluate.json then gives exactly the 1-process test metrics."""
     work = tmp_path
     tiny = _write_overrides(
-        work / "tiny.json",
-        {**TINY, "epoch_length": 2, "max_epochs": 1, "val_interval": 1, "checkpoint_interval": 1},
+        work / "tiny.json", {**TINY, "epoch_length": 2, "max_epochs": 1, "val_interval": 1, "checkpoint_interval": 1}
     )
     cfg = Path(FILES["train"]).parent
     args = {"dataset_dir": synapse_small, "ckpt_dir": work / "models"}
-    train = _torchrun(
-        [FILES["train"], str(cfg / "multi_gpu_train.json"), tiny], output_dir=work / "eval", **args
-    )
+    train = _torchrun([FILES["train"], str(cfg / "multi_gpu_train.json"), tiny], output_dir=work / "eval", **args)
     assert train.returncode == 0, train.stdout[-4000:] + train.stderr[-4000:]
     assert sorted(p.name for p in (work / "models").iterdir()) == ["checkpoint_last.pt", "model.pt"]
     last = torch.load(work / "models" / "checkpoint_last.pt", weights_only=True)
@@ -215,9 +204,7 @@ def test_two_process_training_and_evaluation_match_single_process_outputs(synaps
         one = json.loads((work / "test_1rank" / f"summary_{protocol}.json").read_text())
         both = json.loads((work / "test_2ranks" / f"summary_{protocol}.json").read_text())
         assert both == one, f"{protocol}: 2-rank summary differs from the 1-rank summary"
-    rows = [
-        (work / d / "metrics_per_case.csv").read_text().splitlines() for d in ("test_1rank", "test_2ranks")
-    ]
+    rows = [(work / d / "metrics_per_case.csv").read_text().splitlines() for d in ("test_1rank", "test_2ranks")]
     assert len(rows[0]) == 1 + 2 * 8 * 2  # header, 2 test cases x 8 organs x 2 protocols
     assert sorted(rows[0]) == sorted(rows[1])
 
@@ -227,7 +214,7 @@ def test_cfformer_multi_gpu_train_runs_under_torchrun_with_rank0_outputs(tmp_pat
     """CFFormer-s (the smallest variant, ~98 M parameters) for one DDP iteration per rank, then validation
     sharded over both ranks: the same files as single-process training, written once."""
     from hybridseg.data.busi import datalist_busi
-    from hybridseg.data.synth_busi import synth_busi
+    from hybridseg.tools.synth_busi import synth_busi
 
     root = tmp_path / "BUSI small"
     synth_busi(out=str(root), n=12, size=64, seed=0)
@@ -265,9 +252,7 @@ def test_cfformer_multi_gpu_train_runs_under_torchrun_with_rank0_outputs(tmp_pat
 
 
 @pytest.mark.slow
-def test_bundle_training_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(
-    synapse_small, tmp_path
-):
+def test_bundle_training_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(synapse_small, tmp_path):
     """An absurd learning rate blows the weights up within a few iterations: the bundle's own handlers stop
     the run naming the iteration, and checkpoint_last.pt is the state from before it, with finite weights."""
     text = workflow_error(

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from monai.data import load_decathlon_datalist
+from PIL import Image
+
 from hybridseg.data.busi import (
     build_busi_datalist,
     datalist_busi,
@@ -16,10 +19,8 @@ from hybridseg.data.busi import (
     split_counts,
     stratified_split,
 )
-from hybridseg.data.synth_busi import synth_busi
 from hybridseg.io import InputDataError
-from monai.data import load_decathlon_datalist
-from PIL import Image
+from hybridseg.tools.synth_busi import synth_busi
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +107,7 @@ def test_datalist_pairs_each_image_with_all_its_masks(busi: Path, tmp_path: Path
     assert len(entries) == 10  # 7 benign + 3 malignant; normal is excluded by default
     for e in entries:
         assert e["image"] == f"{e['class']}/{e['id']}.png"
-        masks = sorted(
-            p.relative_to(busi).as_posix() for p in (busi / e["class"]).glob(f"{e['id']}_mask*.png")
-        )
+        masks = sorted(p.relative_to(busi).as_posix() for p in (busi / e["class"]).glob(f"{e['id']}_mask*.png"))
         assert sorted(e["label"]) == masks and e["label"][0].endswith("_mask.png")
     assert any(len(e["label"]) == 2 for e in entries), "the second-lesion mask is listed"
     # MONAI resolves the root-relative paths.
@@ -143,8 +142,7 @@ def test_split_is_stratified_by_class_at_busi_scale():
     entries = _fake_entries({"benign": 437, "malignant": 210})
     parts = stratified_split(entries, (0.7, 0.1, 0.2), seed=0)
     per_class = {
-        part: {c: sum(e["class"] == c for e in items) for c in ("benign", "malignant")}
-        for part, items in parts.items()
+        part: {c: sum(e["class"] == c for e in items) for c in ("benign", "malignant")} for part, items in parts.items()
     }
     assert per_class == {
         "training": {"benign": 306, "malignant": 147},
@@ -161,9 +159,7 @@ def test_adding_normal_leaves_the_benign_and_malignant_split_unchanged():
         _fake_entries({"benign": 40, "malignant": 20, "normal": 12}), (0.7, 0.1, 0.2), seed=5
     )
     for part in without:
-        assert [e["id"] for e in without[part]] == [
-            e["id"] for e in with_normal[part] if e["class"] != "normal"
-        ]
+        assert [e["id"] for e in without[part]] == [e["id"] for e in with_normal[part] if e["class"] != "normal"]
 
 
 def test_split_counts_round_to_totals_and_keep_tiny_parts_non_empty():
@@ -236,9 +232,7 @@ def test_mask_with_unexpected_values_is_an_error(busi: Path, tmp_path: Path):
     mask[10:20, 10:20] = 200
     _png(busi / "benign" / "benign (5)_mask.png", mask)
     _fails(
-        busi,
-        tmp_path,
-        r"benign \(5\)_mask\.png: mask values must be only \{0, 255\} or only \{0, 1\}; found 0, 200",
+        busi, tmp_path, r"benign \(5\)_mask\.png: mask values must be only \{0, 255\} or only \{0, 1\}; found 0, 200"
     )
 
 
@@ -288,9 +282,7 @@ def test_output_never_overwrites_an_input_file(busi: Path):
     assert target.read_bytes() == before
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"classes": ("benign", "cyst")}, {"split": (0.5, 0.5, 0.5)}, {"layout": "x"}]
-)
+@pytest.mark.parametrize("kwargs", [{"classes": ("benign", "cyst")}, {"split": (0.5, 0.5, 0.5)}, {"layout": "x"}])
 def test_invalid_options_are_rejected(busi: Path, tmp_path: Path, kwargs: dict):
     with pytest.raises(ValueError):
         datalist_busi(busi, tmp_path / "o.json", **kwargs)

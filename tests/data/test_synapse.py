@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from hybridseg.data.synapse import (
     LABEL_SCHEMES,
     ORGAN_MAPPINGS,
@@ -21,8 +22,8 @@ from hybridseg.data.synapse import (
     split_cases,
     write_nifti,
 )
-from hybridseg.data.synth_synapse import synth_synapse
 from hybridseg.io import InputDataError
+from hybridseg.tools.synth_synapse import synth_synapse
 
 BTCV_IDS = [f"{i:04d}" for i in [*range(1, 11), *range(21, 41)]]
 
@@ -186,11 +187,7 @@ def test_label_without_image_is_an_error(btcv: Path, tmp_path: Path):
 
 def test_label_of_another_shape_is_an_error(btcv: Path, tmp_path: Path):
     _rewrite(btcv / "label" / "label0001.nii.gz", np.zeros((32, 32, 7), dtype=np.uint8))
-    _fails(
-        btcv,
-        tmp_path,
-        r"label0001\.nii\.gz: label shape \(32, 32, 7\) differs from its image's \(32, 32, 8\)",
-    )
+    _fails(btcv, tmp_path, r"label0001\.nii\.gz: label shape \(32, 32, 7\) differs from its image's \(32, 32, 8\)")
 
 
 def test_label_with_another_affine_is_an_error(btcv: Path, tmp_path: Path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from hybridseg.networks.bra import BiLevelRoutingAttention
 from hybridseg.networks.braunetpp import official_to_ours_key
-
 from tests.reference import load_fixture, max_abs_diff
 
 
@@ -58,17 +58,15 @@ def test_chunked_gather_gives_the_one_shot_result():
     torch.testing.assert_close(chunked, one_shot, rtol=1e-6, atol=1e-6)
 
 
-def _naive_bra(
-    bra: BiLevelRoutingAttention, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loop-by-loop BRA with the documented padding semantics: (N, H, W, C) -> output, routing, real regions.
+def _naive_bra(bra: BiLevelRoutingAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loop-by-loop BRA with the documented padding semantics: (N, height, width, C) -> output, routing, real regions.
 
-    Regions are ceil(H/S) x ceil(W/S) pixels of the zero-padded map; only real pixels count in the
+    Regions are ceil(height/S) x ceil(width/S) pixels of the zero-padded map; only real pixels count in the
     region means and act as keys; a region without real pixels is never routed to.
     """
-    n, H, W, c = x.shape
+    n, height, width, c = x.shape
     s, dk, m, scale = bra.n_win, bra.qk_dim, bra.num_heads, bra.scale
-    hr, wr = -(-H // s), -(-W // s)
+    hr, wr = -(-height // s), -(-width // s)
     qkv = F.linear(x.double(), bra.qkv.weight.double(), bra.qkv.bias.double())
     q, k, v = qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk :]
     regions = [
@@ -76,27 +74,23 @@ def _naive_bra(
             (y, xx)
             for y in range(j * hr, (j + 1) * hr)
             for xx in range(i * wr, (i + 1) * wr)
-            if y < H and xx < W
+            if y < height and xx < width
         ]
         for j in range(s)
         for i in range(s)
     ]
-    out = torch.zeros(n, H, W, c, dtype=torch.float64)
+    out = torch.zeros(n, height, width, c, dtype=torch.float64)
     routes = torch.zeros(n, s * s, bra.topk, dtype=torch.long)
     for b in range(n):
         q_r = torch.stack(
             [
-                q[b, [p[0] for p in px], [p[1] for p in px]].mean(0)
-                if px
-                else torch.zeros(dk, dtype=torch.float64)
+                q[b, [p[0] for p in px], [p[1] for p in px]].mean(0) if px else torch.zeros(dk, dtype=torch.float64)
                 for px in regions
             ]
         )
         k_r = torch.stack(
             [
-                k[b, [p[0] for p in px], [p[1] for p in px]].mean(0)
-                if px
-                else torch.zeros(dk, dtype=torch.float64)
+                k[b, [p[0] for p in px], [p[1] for p in px]].mean(0) if px else torch.zeros(dk, dtype=torch.float64)
                 for px in regions
             ]
         )
@@ -112,19 +106,13 @@ def _naive_bra(
                     att = torch.softmax((q[b, y, xx, qs] * scale) @ k[b, ky, kx, qs].T, -1)
                     out[b, y, xx, vs] = att @ v[b, ky, kx, vs]
     lce = F.conv2d(
-        v.permute(0, 3, 1, 2),
-        bra.lce.weight.double(),
-        bra.lce.bias.double(),
-        padding=bra.lce.padding,
-        groups=c,
+        v.permute(0, 3, 1, 2), bra.lce.weight.double(), bra.lce.bias.double(), padding=bra.lce.padding, groups=c
     ).permute(0, 2, 3, 1)
     y = F.linear(out + lce, bra.proj.weight.double(), bra.proj.bias.double())
     return y, routes, torch.tensor([len(px) > 0 for px in regions])
 
 
-@pytest.mark.parametrize(
-    "size", [(9, 9), (10, 8), (4, 11)], ids=["unpadded", "padded", "padded-empty-regions"]
-)
+@pytest.mark.parametrize("size", [(9, 9), (10, 8), (4, 11)], ids=["unpadded", "padded", "padded-empty-regions"])
 def test_bra_on_any_map_size_matches_loop_reference(size):
     # n_win 3: 9x9 needs no padding; 10x8 pads to 12x9 (regions 4x3); 4x11 pads to 6x12 (regions
     # 2x4), so the bottom region row holds only padding and must never be routed to.

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+
 from hybridseg.io import InputDataError
 from hybridseg.networks.braunetpp import (
     SCCSA,
@@ -20,7 +21,6 @@ from hybridseg.networks.braunetpp import (
     load_official_checkpoint,
     official_to_ours_key,
 )
-
 from tests.reference import crc32_state_dict, load_fixture, max_abs_diff
 
 SUB_TOL = {"rtol": 2e-5, "atol": 2e-5}
@@ -155,24 +155,18 @@ def test_bf16_autocast_stays_close_to_float32(reference):
 
 
 def _load_sub(module: torch.nn.Module, fx: dict, kind: str) -> torch.nn.Module:
-    module.load_state_dict(
-        {official_to_ours_key(k, kind): v for k, v in fx["state_dict"].items()}, strict=True
-    )
+    module.load_state_dict({official_to_ours_key(k, kind): v for k, v in fx["state_dict"].items()}, strict=True)
     return module.eval()
 
 
 def test_block_matches_reference_step_by_step():
     fx = load_fixture("braunetpp", "biformer_block.pt")
     cfg = fx["config"]
-    block = _load_sub(
-        BRAUBlock(cfg["dim"], cfg["num_heads"], cfg["n_win"], cfg["topk"], cfg["mlp_ratio"]), fx, "block"
-    )
+    block = _load_sub(BRAUBlock(cfg["dim"], cfg["num_heads"], cfg["n_win"], cfg["topk"], cfg["mlp_ratio"]), fx, "block")
     h, w = cfg["input_resolution"]
     steps: dict[str, list[torch.Tensor]] = {}
     for name in ("norm1", "pos_embed", "attn", "norm2", "mlp"):
-        getattr(block, name).register_forward_hook(
-            lambda _m, _i, out, n=name: steps.setdefault(n, []).append(out)
-        )
+        getattr(block, name).register_forward_hook(lambda _m, _i, out, n=name: steps.setdefault(n, []).append(out))
     with torch.no_grad():
         y = block(fx["input"].unflatten(1, (h, w)))
     torch.testing.assert_close(y.flatten(1, 2), fx["output"], **SUB_TOL)
@@ -199,9 +193,7 @@ def test_sccsa_matches_reference():
     torch.testing.assert_close(y, fx["output"], **SUB_TOL)
 
 
-@pytest.mark.parametrize(
-    ("name", "nchw_input"), [("patch_expand.pt", False), ("patch_expand_first.pt", True)]
-)
+@pytest.mark.parametrize(("name", "nchw_input"), [("patch_expand.pt", False), ("patch_expand_first.pt", True)])
 def test_patch_expand_matches_both_reference_classes(name, nchw_input):
     fx = load_fixture("braunetpp", name)
     h, w = fx["config"]["input_resolution"]
@@ -235,9 +227,7 @@ def test_stem_matches_reference():
 
 def test_converter_names_unknown_keys():
     with pytest.raises(ValueError, match="unknown keys bra_unet.extra.weight"):
-        convert_official_state_dict(
-            {"bra_unet.norm_up.weight": torch.ones(96), "bra_unet.extra.weight": torch.ones(1)}
-        )
+        convert_official_state_dict({"bra_unet.norm_up.weight": torch.ones(96), "bra_unet.extra.weight": torch.ones(1)})
 
 
 SMALL = {
@@ -270,9 +260,7 @@ def test_official_checkpoint_file_loads_and_mismatches_are_clear_errors(referenc
     load_official_checkpoint(model, path)
     expected = convert_official_state_dict(official)
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
-    with pytest.raises(
-        InputDataError, match="(?s)" + re.escape(str(path)) + ".*size mismatch for head.weight"
-    ):
+    with pytest.raises(InputDataError, match="(?s)" + re.escape(str(path)) + ".*size mismatch for head.weight"):
         load_official_checkpoint(BRAUNetPP(**SMALL, num_classes=4), path)
     with pytest.raises(InputDataError, match="(?s)Unexpected key.*skip_attention"):
         load_official_checkpoint(BRAUNetPP(**SMALL, use_sccsa=False), path)
@@ -293,15 +281,9 @@ def _fake_biformer(dims: list[int], depths: list[int], head_mismatch: bool = Tru
         put(prefix + "running_var", c)
         sd[prefix + "num_batches_tracked"] = torch.tensor(7)
 
-    (
-        put("downsample_layers.0.0.weight", dims[0] // 2, 3, 3, 3),
-        put("downsample_layers.0.0.bias", dims[0] // 2),
-    )
+    (put("downsample_layers.0.0.weight", dims[0] // 2, 3, 3, 3), put("downsample_layers.0.0.bias", dims[0] // 2))
     bn("downsample_layers.0.1.", dims[0] // 2)
-    (
-        put("downsample_layers.0.3.weight", dims[0], dims[0] // 2, 3, 3),
-        put("downsample_layers.0.3.bias", dims[0]),
-    )
+    (put("downsample_layers.0.3.weight", dims[0], dims[0] // 2, 3, 3), put("downsample_layers.0.3.bias", dims[0]))
     bn("downsample_layers.0.4.", dims[0])
     for i in range(1, 4):
         put(f"downsample_layers.{i}.0.weight", dims[i], dims[i - 1], 3, 3)

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from hybridseg.io import InputDataError
 from hybridseg.networks.cfformer import (
     CFCA,
@@ -17,8 +19,6 @@ from hybridseg.networks.cfformer import (
     load_imagenet_weights,
 )
 from hybridseg.networks.swin_v2 import relative_coords_table, relative_position_index
-from torch import nn
-
 from tests.reference import crc32_state_dict, load_fixture, max_abs_diff
 
 NET = "cfformer"
@@ -102,10 +102,7 @@ def model_b(fx_b, ref_sd_b) -> CFFormer:
 
 def test_fill_checksums_hold_for_every_seed_name_including_constant_buffers(fx_b, ref_sd_b):
     sd = ref_sd_b
-    constants = {
-        "relative_coords_table": relative_coords_table(),
-        "relative_position_index": relative_position_index(),
-    }
+    constants = {"relative_coords_table": relative_coords_table(), "relative_position_index": relative_position_index()}
     assert len(fx_b["fill_checksums"]) > 800
     for name, (s, a, first, last) in fx_b["fill_checksums"].items():
         kind = name.rsplit(".", 1)[-1]
@@ -120,9 +117,7 @@ def test_converter_drops_only_aliases_unused_entries_and_constants(fx_b, ref_sd_
     assert len(keys) == B_ENTRIES and len(fx_b["aliases"]) == B_ALIASES
     unused = sorted(k for k, _s, _kind, used in fx_b["keys"] if not used)
     assert unused == sorted(
-        f"encoder.{p}.{w}"
-        for p in ("cnn.fc", "transformer.norm", "transformer.head")
-        for w in ("weight", "bias")
+        f"encoder.{p}.{w}" for p in ("cnn.fc", "transformer.norm", "transformer.head") for w in ("weight", "bias")
     )
     converted = convert_reference_state_dict(ref_sd_b)
     assert len(converted) == B_ENTRIES - B_ALIASES - B_UNUSED - B_CONSTANTS
@@ -139,9 +134,7 @@ def test_converter_verifies_aliases_and_constant_buffers_when_present(ref_sd_b):
     convert_reference_state_dict(sd)  # correct constants pass and are dropped
     bad = dict(sd)
     bad["encoder.cnn_layer3.2.conv1.weight"] = bad["encoder.cnn_layer3.2.conv1.weight"] + 1
-    with pytest.raises(
-        ValueError, match=r"encoder\.cnn_layer3\.2\.conv1\.weight \(differs from encoder\.cnn"
-    ):
+    with pytest.raises(ValueError, match=r"encoder\.cnn_layer3\.2\.conv1\.weight \(differs from encoder\.cnn"):
         convert_reference_state_dict(bad)
     bad = dict(sd)
     bad["encoder.transformer.features.3.1.attn.relative_position_index"] = relative_position_index().flip(0)
@@ -241,9 +234,7 @@ def test_gray_model_with_summed_stems_equals_rgb_model_on_repeated_gray_image(re
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:DeprecationWarning")
-def test_torchscript_trace_round_trip_reproduces_the_reference_and_follows_other_input_sizes(
-    fx_t, model_s, tmp_path
-):
+def test_torchscript_trace_round_trip_reproduces_the_reference_and_follows_other_input_sizes(fx_t, model_s, tmp_path):
     with torch.no_grad():
         traced = torch.jit.trace(model_s, fx_t["input"], check_trace=False)
         torch.jit.save(traced, tmp_path / "cfformer_s.pt")
@@ -410,10 +401,7 @@ def test_decoder_block_matches_reference_after_each_layer():
 def imagenet_files(fx_t, ref_sd_t, tmp_path_factory) -> dict:
     """Fake torchvision resnet34 and swin_v2_t checkpoints (the fixture's key tables, random values)."""
     sd = ref_sd_t
-    consts = {
-        "relative_coords_table": relative_coords_table(),
-        "relative_position_index": relative_position_index(),
-    }
+    consts = {"relative_coords_table": relative_coords_table(), "relative_position_index": relative_position_index()}
     files = {}
     for name, prefix in (("resnet34", "encoder.cnn."), ("swin_v2_t", "encoder.transformer.")):
         tv = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -433,9 +421,7 @@ def test_load_imagenet_weights_fills_both_backbones_and_reports_ignored_keys(fre
     assert {"norm.weight", "head.bias"} <= set(report["swin_v2_t"]["ignored"])
     assert report["swin_v2_t"]["loaded"] == len(fresh_s.encoder.transformer.state_dict())
     assert torch.equal(fresh_s.encoder.cnn.layer4[2].conv2.weight, rsd["layer4.2.conv2.weight"])
-    assert torch.equal(
-        fresh_s.encoder.transformer.features[5][5].attn.qkv.weight, ssd["features.5.5.attn.qkv.weight"]
-    )
+    assert torch.equal(fresh_s.encoder.transformer.features[5][5].attn.qkv.weight, ssd["features.5.5.attn.qkv.weight"])
 
 
 def test_load_imagenet_weights_is_all_or_nothing_and_lists_offending_keys(fresh_s, imagenet_files, tmp_path):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from hybridseg.io import InputDataError
 from hybridseg.networks.resnet import (
     BasicBlock,
@@ -13,7 +14,6 @@ from hybridseg.networks.resnet import (
     load_resnet34_imagenet,
     resnet34_state_dict_from_torchvision,
 )
-
 from tests.reference import assert_close, crc32_state_dict, load_fixture, max_abs_diff
 
 NET = "cfformer"

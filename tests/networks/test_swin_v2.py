@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from hybridseg.io import InputDataError
 from hybridseg.networks.cfformer import convert_reference_state_dict
 from hybridseg.networks.swin_v2 import (
@@ -21,7 +22,6 @@ from hybridseg.networks.swin_v2 import (
     swin_v2_state_dict_from_torchvision,
     window_layout,
 )
-
 from tests.reference import assert_close, crc32_state_dict, load_fixture
 
 NET = "cfformer"
@@ -40,11 +40,7 @@ def torchvision_swin_file_dict(model_name: str = "swin_v2_t") -> dict[str, torch
     sd = crc32_state_dict(fx["keys"])
     for key, shape, kind, _used in fx["keys"]:
         if kind == "other_buffer":
-            const = (
-                relative_coords_table()
-                if key.endswith("relative_coords_table")
-                else relative_position_index()
-            )
+            const = relative_coords_table() if key.endswith("relative_coords_table") else relative_position_index()
             assert list(const.shape) == shape
             sd[key] = const.clone()
     return sd
@@ -67,9 +63,7 @@ def test_coordinate_tables_equal_torchvision_buffers_bit_for_bit(block_fixture):
 def test_swinv2_block_matches_reference_case(block_fixture, case):
     c = block_fixture["cases"][case]
     block = SwinTransformerBlockV2(96, 3, shift=c["shift_size"]).eval()
-    block.load_state_dict(
-        submodule_state_dict(block_fixture["state_dict"], "encoder.transformer.features.1.0.")
-    )
+    block.load_state_dict(submodule_state_dict(block_fixture["state_dict"], "encoder.transformer.features.1.0."))
     seen = {}
     block.attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o.detach().clone()))
     block.mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("mlp", o.detach().clone()))
@@ -170,17 +164,11 @@ def test_swin_v2_t_features_match_reference_after_every_feature_layer():
         s, a, first, last = fx["fill_checksums"][name].tolist()
         t = tv[name].double().flatten()
         assert math.isclose(t.sum().item(), s, rel_tol=1e-9, abs_tol=1e-9), name
-        assert (
-            math.isclose(t.abs().sum().item(), a, rel_tol=1e-9)
-            and t[0].item() == first
-            and t[-1].item() == last
-        )
+        assert math.isclose(t.abs().sum().item(), a, rel_tol=1e-9) and t[0].item() == first and t[-1].item() == last
     model.load_state_dict(swin_v2_state_dict_from_torchvision(tv, model))
     x = fx["input"]
     with torch.no_grad():
-        for i, (layer, (name, ref)) in enumerate(
-            zip(model.features, fx["all_feature_outputs"].items(), strict=True)
-        ):
+        for i, (layer, (name, ref)) in enumerate(zip(model.features, fx["all_feature_outputs"].items(), strict=True)):
             x = layer(x)
             assert name.startswith(f"features{i}_")
             assert_close(x, ref, name)
@@ -296,11 +284,7 @@ def test_loader_error_lists_missing_unexpected_and_misshapen_keys(swin_t_file, s
         load_swin_v2_imagenet(swin_t_model, path)
     msg = str(err.value)
     assert str(path) in msg
-    for key in (
-        "features.3.1.attn.proj.bias",
-        "features.9.extra.weight",
-        "features.2.reduction.weight [5, 5]",
-    ):
+    for key in ("features.3.1.attn.proj.bias", "features.9.extra.weight", "features.2.reduction.weight [5, 5]"):
         assert key in msg
 
 

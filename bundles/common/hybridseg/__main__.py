@@ -1,4 +1,4 @@
-from hybridseg.cli import main
+from hybridseg.tools.cli import main
 
 if __name__ == "__main__":
     main()

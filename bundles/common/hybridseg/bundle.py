@@ -92,11 +92,7 @@ def collect_inputs(
             if not found:
                 raise InputDataError(p, f"folder contains no input images ({', '.join(suffixes)})")
             files.extend(found)
-            if (
-                not allow_output_in_input_dir
-                and output_dir is not None
-                and Path(output_dir).resolve() == p.resolve()
-            ):
+            if not allow_output_in_input_dir and output_dir is not None and Path(output_dir).resolve() == p.resolve():
                 raise InputDataError(output_dir, "the output folder is an input folder; choose another")
         elif p.is_file():
             if not p.name.lower().endswith(suffixes):

@@ -21,18 +21,7 @@ from hybridseg.transforms import output_stem, overlay_rgb, write_png
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = (
-    "case",
-    "class_id",
-    "class_name",
-    "protocol",
-    "dice",
-    "iou",
-    "hd95",
-    "hd95_unit",
-    "hd95_method",
-    "status",
-)
+CSV_FIELDS = ("case", "class_id", "class_name", "protocol", "dice", "iou", "hd95", "hd95_unit", "hd95_method", "status")
 
 
 def _np(x: Any) -> np.ndarray:
@@ -89,12 +78,7 @@ class SegmentationReport:
         self.class_names = {int(k): str(v) for k, v in class_names.items() if int(k) != 0}
         self.protocols = tuple(protocols)
         self.mode = mode
-        self.pred_key, self.label_key, self.image_key, self.case_key = (
-            pred_key,
-            label_key,
-            image_key,
-            case_key,
-        )
+        self.pred_key, self.label_key, self.image_key, self.case_key = (pred_key, label_key, image_key, case_key)
         self.n_overlays = n_overlays
         self.overlay_from_file = overlay_from_file
         self.rows: list[dict[str, Any]] = []
@@ -124,10 +108,7 @@ class SegmentationReport:
         p, g = _np(pred), _np(label)
         if p.shape != g.shape:
             raise ValueError(f"case {case}: prediction shape {p.shape} differs from label shape {g.shape}")
-        p, g = (
-            p.reshape(p.shape[1:]) if p.shape[0] == 1 else p,
-            g.reshape(g.shape[1:]) if g.shape[0] == 1 else g,
-        )
+        p, g = (p.reshape(p.shape[1:]) if p.shape[0] == 1 else p, g.reshape(g.shape[1:]) if g.shape[0] == 1 else g)
         for protocol in self.protocols:
             if self.mode == "binary":
                 recs = [binary_case_metrics(p > 0.5, g > 0.5, protocol)]  # type: ignore[arg-type]
@@ -168,10 +149,7 @@ class SegmentationReport:
             # MONAI keeps datalist fields such as "case" in the batch, predictions in the output
             merged = {**data, **item} if isinstance(data, Mapping) else item
             self.add_case(
-                self._case_name(merged),
-                merged[self.pred_key],
-                merged[self.label_key],
-                merged.get(self.image_key),
+                self._case_name(merged), merged[self.pred_key], merged[self.label_key], merged.get(self.image_key)
             )
 
     def _overlay(self, case: str, p: np.ndarray, g: np.ndarray, image: Any) -> None:
@@ -183,11 +161,7 @@ class SegmentationReport:
 
                 img, _ = read_2d(image.meta["filename_or_obj"])
             if img is None or img.shape != p.shape:
-                img = (
-                    _np(image)[0]
-                    if image is not None and _np(image).shape[-2:] == p.shape
-                    else p.astype(float)
-                )
+                img = _np(image)[0] if image is not None and _np(image).shape[-2:] == p.shape else p.astype(float)
             write_png(out / f"{case}_overlay.png", overlay_rgb(img, p > 0.5, g > 0.5))
             return
         # label volumes: the axial slice with the most ground-truth foreground
@@ -214,9 +188,7 @@ class SegmentationReport:
         rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
             torch.distributed.get_rank() == 0
         )
-        self.summaries = {
-            p: summarize(recs, class_names=self.class_names) for p, recs in self.records.items() if recs
-        }
+        self.summaries = {p: summarize(recs, class_names=self.class_names) for p, recs in self.records.items() if recs}
         if not rank0:
             return
         self.write()
@@ -230,9 +202,7 @@ class SegmentationReport:
             w.writerow({k: _fmt(v) if isinstance(v, float) or v is None else v for k, v in r.items()})
         atomic_write_text(self.output_dir / "metrics_per_case.csv", buf.getvalue())
         for p, s in self.summaries.items():
-            atomic_write_text(
-                self.output_dir / f"summary_{p}.json", json.dumps(s, indent=4, default=str) + "\n"
-            )
+            atomic_write_text(self.output_dir / f"summary_{p}.json", json.dumps(s, indent=4, default=str) + "\n")
         table = self.table()
         atomic_write_text(self.output_dir / "summary.md", table + "\n")
         logger.info("segmentation report (%d cases) in %s\n%s", self._n_cases, self.output_dir, table)
@@ -453,10 +423,7 @@ class StateDictCheckpointLoader:
         self._loader(engine)
         if "trainer" in self.load_dict:
             logger.info(
-                "resumed from %s at epoch %d, iteration %d",
-                self.load_path,
-                engine.state.epoch,
-                engine.state.iteration,
+                "resumed from %s at epoch %d, iteration %d", self.load_path, engine.state.epoch, engine.state.iteration
             )
 
 

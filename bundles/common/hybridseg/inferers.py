@@ -103,11 +103,7 @@ class ResizedSliceInferer(Inferer):
         # a plain tensor: slicing a batched MetaTensor would try to split its metadata per slice
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
         out: torch.Tensor | None = None
-        amp = (
-            torch.autocast(x.device.type, dtype=self.dtype)
-            if self.dtype is not None
-            else contextlib.nullcontext()
-        )
+        amp = torch.autocast(x.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
         for start in self._slices(d):
             stop = min(start + self.sw_batch_size, d)
             # (B, C, H, W, k) -> (B*k, C, H, W)

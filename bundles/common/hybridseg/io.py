@@ -14,9 +14,12 @@ class InputDataError(ValueError):
     """Bad input data: the message always names the offending file (or folder) and the problem."""
 
     def __init__(self, path: str | os.PathLike | None, problem: str):
+        super().__init__(path, problem)  # both arguments, so pickling (worker processes) rebuilds it
         self.path = None if path is None else str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}" if self.path is not None else self.problem
 
 
 @contextlib.contextmanager

@@ -153,9 +153,7 @@ def _crop_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     the array edge, so the same rule applies to both.
     """
     (box,) = ndimage.find_objects(mask.view(np.uint8), max_label=1)
-    return tuple(
-        slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, mask.shape, strict=True)
-    )
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, mask.shape, strict=True))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -185,9 +183,7 @@ def _require_objects(p: np.ndarray, g: np.ndarray) -> None:
         raise ValueError("the second mask is empty: surface distances are undefined")
 
 
-def surface_distances(
-    a: np.ndarray, b: np.ndarray, spacing: SpacingLike = None, *, crop: bool = True
-) -> np.ndarray:
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: SpacingLike = None, *, crop: bool = True) -> np.ndarray:
     """Distance from every surface voxel of ``a`` to the nearest surface voxel of ``b``.
 
     Same values as medpy's ``__surface_distances(a, b, spacing, connectivity=1)`` (in the order of
@@ -204,12 +200,7 @@ def surface_distances(
 
 
 def hd95(
-    pred: np.ndarray,
-    gt: np.ndarray,
-    spacing: SpacingLike = None,
-    *,
-    method: HD95Method = "pooled",
-    crop: bool = True,
+    pred: np.ndarray, gt: np.ndarray, spacing: SpacingLike = None, *, method: HD95Method = "pooled", crop: bool = True
 ) -> float:
     """95th-percentile Hausdorff distance between two non-empty masks.
 
@@ -399,10 +390,7 @@ def _stats(values: Sequence[float | None], ddof: int) -> dict[str, float | int]:
 
 
 def summarize(
-    records: Iterable[MetricRecord],
-    *,
-    class_names: Mapping[int, str] | None = None,
-    ddof: int = 0,
+    records: Iterable[MetricRecord], *, class_names: Mapping[int, str] | None = None, ddof: int = 0
 ) -> dict[str, Any]:
     """Mean/std per class over cases, then over classes (the papers' order), NaN skipped but counted.
 

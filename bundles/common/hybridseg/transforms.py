@@ -118,9 +118,7 @@ class LoadImage2Dd(MapTransform):
             if shape is None:
                 shape = arr.shape
             elif arr.shape != shape:
-                raise InputDataError(
-                    name, f"size {arr.shape} differs from its image {image_path} of size {shape}"
-                )
+                raise InputDataError(name, f"size {arr.shape} differs from its image {image_path} of size {shape}")
             meta = {
                 "filename_or_obj": name,
                 "spatial_shape": np.asarray(arr.shape),
@@ -189,9 +187,7 @@ def output_stem(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
-def overlay_rgb(
-    image: np.ndarray, pred: np.ndarray | None = None, gt: np.ndarray | None = None
-) -> np.ndarray:
+def overlay_rgb(image: np.ndarray, pred: np.ndarray | None = None, gt: np.ndarray | None = None) -> np.ndarray:
     """Gray image ``(H, W)`` with the ground-truth outline in green and the prediction outline in red, as
     ``(H, W, 3)`` uint8."""
     from scipy.ndimage import binary_erosion
@@ -266,9 +262,7 @@ class SaveMask2Dd(MapTransform):
                 if self.label_key is not None and self.label_key in d:
                     gt = np.asarray(torch.as_tensor(d[self.label_key]).cpu()).reshape(pred.shape) > 0.5
                 if image.shape != pred.shape:
-                    raise ValueError(
-                        f"{src}: prediction {pred.shape} is not at the image's size {image.shape}"
-                    )
+                    raise ValueError(f"{src}: prediction {pred.shape} is not at the image's size {image.shape}")
                 write_png(self.output_dir / f"{stem}_overlay.png", overlay_rgb(image, pred, gt))
         return d
 
@@ -284,10 +278,7 @@ class CheckVolumePaird(MapTransform):
     inside a later transform."""
 
     def __init__(
-        self,
-        keys: KeysCollection = ("image", "label"),
-        image_key: str = "image",
-        allow_missing_keys: bool = True,
+        self, keys: KeysCollection = ("image", "label"), image_key: str = "image", allow_missing_keys: bool = True
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
@@ -300,9 +291,7 @@ class CheckVolumePaird(MapTransform):
             name = getattr(x, "meta", {}).get("filename_or_obj", key)
             shape = tuple(x.shape)
             if len(shape) != 4 or shape[0] != 1:
-                raise InputDataError(
-                    name, f"expected a single-channel 3D volume, got shape {shape} (channel first)"
-                )
+                raise InputDataError(name, f"expected a single-channel 3D volume, got shape {shape} (channel first)")
             if key == self.image_key and not torch.isfinite(torch.as_tensor(x)).all():
                 raise InputDataError(name, "volume contains NaN or infinite values")
             if ref_shape is None:
@@ -323,11 +312,7 @@ class LoadVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             arr, affine = read_volume(d[key])
-            meta = {
-                "filename_or_obj": str(d[key]),
-                "spatial_shape": np.asarray(arr.shape),
-                "original_affine": affine,
-            }
+            meta = {"filename_or_obj": str(d[key]), "spatial_shape": np.asarray(arr.shape), "original_affine": affine}
             d[key] = MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
         return d
 

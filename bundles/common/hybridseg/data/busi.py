@@ -79,8 +79,7 @@ def _load_png(path: Path, formats: tuple[str, ...] = ("PNG",)) -> Image.Image:
                 raise InputDataError(path, "truncated PNG file (no IEND chunk at the end)")
     if img.mode not in _GRAY_MODES:
         raise InputDataError(
-            path,
-            f"unsupported {fmt} mode {img.mode!r}: expected 8-bit gray, gray+alpha, RGB, RGBA or palette",
+            path, f"unsupported {fmt} mode {img.mode!r}: expected 8-bit gray, gray+alpha, RGB, RGBA or palette"
         )
     if img.width == 0 or img.height == 0:
         raise InputDataError(path, "image has zero size")
@@ -94,9 +93,7 @@ def _to_gray(img: Image.Image) -> np.ndarray:
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("L", "LA"):
-        return (
-            np.asarray(img, dtype=np.uint8)[..., 0] if img.mode == "LA" else np.asarray(img, dtype=np.uint8)
-        )
+        return np.asarray(img, dtype=np.uint8)[..., 0] if img.mode == "LA" else np.asarray(img, dtype=np.uint8)
     rgb = np.asarray(img, dtype=np.float64)[..., :3]
     gray = rgb @ np.asarray(LUMA_WEIGHTS)
     return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
@@ -203,9 +200,7 @@ def _busi_class_entries(root: Path, cls: str) -> list[dict]:
             raise InputDataError(ipath, f"image without mask: no {iid}_mask.png beside it")
         mpaths = [p for _, p in sorted(masks[iid], key=lambda t: t[0])]
         read_busi_mask(mpaths, shape=_image_size(ipath))
-        entries.append(
-            {"image": _rel(ipath, root), "label": [_rel(p, root) for p in mpaths], "class": cls, "id": iid}
-        )
+        entries.append({"image": _rel(ipath, root), "label": [_rel(p, root) for p in mpaths], "class": cls, "id": iid})
     return entries
 
 
@@ -220,9 +215,7 @@ def _datasetb_entries(root: Path) -> list[dict]:
         if path.stem in masks:
             raise InputDataError(path, f"duplicate mask id {path.stem!r} (also {masks[path.stem].name})")
         if path.stem not in images:
-            raise InputDataError(
-                path, f"mask without image: no {path.stem}.png in {root / DATASETB_IMAGE_DIR}"
-            )
+            raise InputDataError(path, f"mask without image: no {path.stem}.png in {root / DATASETB_IMAGE_DIR}")
         masks[path.stem] = path
     entries = []
     for iid, ipath in images.items():
@@ -230,12 +223,7 @@ def _datasetb_entries(root: Path) -> list[dict]:
             raise InputDataError(ipath, f"image without mask: no {iid}.png in {root / DATASETB_MASK_DIR}")
         read_busi_mask([masks[iid]], shape=_image_size(ipath))
         entries.append(
-            {
-                "image": _rel(ipath, root),
-                "label": [_rel(masks[iid], root)],
-                "class": DATASETB_CLASS,
-                "id": iid,
-            }
+            {"image": _rel(ipath, root), "label": [_rel(masks[iid], root)], "class": DATASETB_CLASS, "id": iid}
         )
     return entries
 
@@ -287,9 +275,7 @@ def _check_split(split: Sequence[float]) -> tuple[float, float, float]:
         split = [float(v) for v in re.split(r"[,\s]+", split) if v]
     split = tuple(float(v) for v in split)
     if len(split) != 3 or any(v < 0 for v in split) or abs(sum(split) - 1.0) > 1e-6:
-        raise ValueError(
-            f"split must be three non-negative fractions (train, val, test) summing to 1, got {split}"
-        )
+        raise ValueError(f"split must be three non-negative fractions (train, val, test) summing to 1, got {split}")
     return split
 
 

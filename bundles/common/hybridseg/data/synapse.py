@@ -70,20 +70,7 @@ LABEL_SCHEMES: dict[str, dict[int, str]] = {
 }
 
 # The 12 test cases of the TransUNet protocol (lists/lists_Synapse/test_vol.txt).
-STANDARD_TEST_CASES = (
-    "0001",
-    "0002",
-    "0003",
-    "0004",
-    "0008",
-    "0022",
-    "0025",
-    "0029",
-    "0032",
-    "0035",
-    "0036",
-    "0038",
-)
+STANDARD_TEST_CASES = ("0001", "0002", "0003", "0004", "0008", "0022", "0025", "0029", "0032", "0035", "0036", "0038")
 # Intensity window of the benchmark (HU), applied by the bundle unless the datalist says "windowed".
 HU_WINDOW = (-125, 275)
 
@@ -117,11 +104,7 @@ class LabelMapping:
 
     def to_json(self) -> dict:
         """The ``label_mapping`` block of a datalist (JSON keys are strings)."""
-        return {
-            "name": self.name,
-            "source": self.source,
-            "map": {str(k): int(v) for k, v in self.map.items()},
-        }
+        return {"name": self.name, "source": self.source, "map": {str(k): int(v) for k, v in self.map.items()}}
 
     @classmethod
     def from_json(cls, block: Mapping) -> LabelMapping:
@@ -138,9 +121,7 @@ def identity_mapping(scheme: str) -> LabelMapping:
 
 
 ORGAN_MAPPINGS: dict[str, LabelMapping] = {
-    "transunet_8organ": LabelMapping(
-        "transunet_8organ", "btcv13", {8: 1, 4: 2, 3: 3, 2: 4, 6: 5, 11: 6, 1: 7, 7: 8}
-    ),
+    "transunet_8organ": LabelMapping("transunet_8organ", "btcv13", {8: 1, 4: 2, 3: 3, 2: 4, 6: 5, 11: 6, 1: 7, 7: 8}),
     "btcv13": identity_mapping("btcv13"),
 }
 
@@ -162,9 +143,7 @@ def get_label_mapping(mapping: str | LabelMapping | Mapping) -> LabelMapping:
 
 
 def apply_label_mapping(
-    labels: np.ndarray | torch.Tensor,
-    mapping: str | LabelMapping | Mapping,
-    path: str | os.PathLike | None = None,
+    labels: np.ndarray | torch.Tensor, mapping: str | LabelMapping | Mapping, path: str | os.PathLike | None = None
 ) -> np.ndarray | torch.Tensor:
     """Map a label array (numpy, or a torch tensor) from the mapping's source scheme to its target scheme.
 
@@ -191,9 +170,7 @@ def apply_label_mapping(
 
 def _check_ids(values: np.ndarray, m: LabelMapping, path) -> None:
     if values.size and not np.all(np.equal(np.mod(values, 1), 0)):
-        raise InputDataError(
-            path, f"label values must be integers; found e.g. {values[np.mod(values, 1) != 0][:3]}"
-        )
+        raise InputDataError(path, f"label values must be integers; found e.g. {values[np.mod(values, 1) != 0][:3]}")
     bad = sorted(int(v) for v in values if int(v) not in LABEL_SCHEMES[m.source])
     if bad:
         raise InputDataError(
@@ -203,9 +180,7 @@ def _check_ids(values: np.ndarray, m: LabelMapping, path) -> None:
         )
 
 
-def write_nifti(
-    path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, compresslevel: int = 6
-) -> None:
+def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, compresslevel: int = 6) -> None:
     """Write a NIfTI-1 file atomically and byte-for-byte deterministically.
 
     The array is stored with its own dtype and no intensity scaling (values are exact); qform and sform
@@ -275,17 +250,13 @@ def _cases(folder: Path, kind: str) -> dict[str, Path]:
     return {_CASE_RE[kind].match(p.name).group(1): p for _, p in sorted(found.items())}
 
 
-def validate_btcv_pair(
-    image: Path, label: Path, scheme: str = "btcv13", affine_atol: float = 1e-3
-) -> tuple[int, ...]:
+def validate_btcv_pair(image: Path, label: Path, scheme: str = "btcv13", affine_atol: float = 1e-3) -> tuple[int, ...]:
     """Check one image/label pair (readable, 3D, same shape and affine, label ids in ``scheme``,
     image not already windowed to [0, 1]); returns the shape."""
     img, img_aff = load_volume(image)
     lab, lab_aff = load_volume(label)
     if img.shape != lab.shape:
-        raise InputDataError(
-            label, f"label shape {lab.shape} differs from its image's {img.shape} ({image.name})"
-        )
+        raise InputDataError(label, f"label shape {lab.shape} differs from its image's {img.shape} ({image.name})")
     if not np.allclose(img_aff, lab_aff, atol=affine_atol, rtol=0):
         raise InputDataError(
             label,
@@ -424,7 +395,7 @@ def datalist_synapse(
         "description": (
             f"Synapse/BTCV datalist: {n_train} training, {n_val} validation "
             f"(seed {seed}), {n_test} test cases ({test_kind})."
-            f" Labels on disk use BTCV's 13 ids; apply label_mapping '{m.name}' when loading."
+            f" Labels on disk use BTCV's 13 ids; apply label_mapping {m.name!r} when loading."
             f" Intensities are HU: window to hu_window, then scale to [0, 1]."
             f" Paths are {'absolute' if absolute else 'relative to root'}."
         ),

@@ -109,10 +109,10 @@ class BiLevelRoutingAttention(nn.Module):
         self.router = TopkRouting(topk, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, H, W, c = x.shape
+        n, height, width, c = x.shape
         s = self.n_win
-        hr, wr = -(-H // s), -(-W // s)  # region size: ceil(side / n_win)
-        pad_h, pad_w = hr * s - H, wr * s - W
+        hr, wr = -(-height // s), -(-width // s)  # region size: ceil(side / n_win)
+        pad_h, pad_w = hr * s - height, wr * s - width
         padded = pad_h > 0 or pad_w > 0
         if padded:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -125,23 +125,21 @@ class BiLevelRoutingAttention(nn.Module):
         valid = None
         if padded:
             grid = torch.zeros(hr * s, wr * s, 1, dtype=torch.bool, device=x.device)
-            grid[:H, :W] = True
+            grid[:height, :width] = True
             valid = partition_regions(grid.unsqueeze(0), s).squeeze(-1)
         r_idx = self.router(*self._region_descriptors(xr, n, valid))
 
         out = regions_to_image(self._attend(q, kv, r_idx, valid), n, s, hr, wr)  # (N, S, hr, S, wr, C) view
         v = regions_to_image(kv[..., dk:], n, s, hr, wr).reshape(n, hr * s, wr * s, c)
         if padded:
-            v = v[:, :H, :W]
+            v = v[:, :height, :width]
         # LCE over the whole (unpadded) map, zero padding at its border; channels-last conv.
-        lce = self.lce(v.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)).permute(
-            0, 2, 3, 1
-        )
+        lce = self.lce(v.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
         if padded:
-            out = out.reshape(n, hr * s, wr * s, c)[:, :H, :W] + lce
+            out = out.reshape(n, hr * s, wr * s, c)[:, :height, :width] + lce
         else:
             # One pass that both restores image order and adds the LCE term.
-            out = (lce.view(n, s, hr, s, wr, c) + out).reshape(n, H, W, c)
+            out = (lce.view(n, s, hr, s, wr, c) + out).reshape(n, height, width, c)
         return self.proj(out)
 
     def _region_descriptors(

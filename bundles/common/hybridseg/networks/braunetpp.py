@@ -297,13 +297,7 @@ class BRAUNetPP(nn.Module):
         def blocks(level: int, depth: int, rates: list[float]) -> list[BRAUBlock]:
             return [
                 BRAUBlock(
-                    dims[level],
-                    dims[level] // head_dim,
-                    n_win,
-                    topks[level],
-                    mlp_ratio,
-                    rates[j],
-                    kv_chunk_bytes,
+                    dims[level], dims[level] // head_dim, n_win, topks[level], mlp_ratio, rates[j], kv_chunk_bytes
                 )
                 for j in range(depth)
             ]
@@ -335,9 +329,7 @@ class BRAUNetPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"BRAUNetPP expects (B, {self.in_channels}, H, W) images, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"BRAUNetPP expects (B, {self.in_channels}, H, W) images, got shape {tuple(x.shape)}")
         if x.shape[2] % 32 or x.shape[3] % 32:
             raise ValueError(f"BRAUNetPP needs H and W that are multiples of 32, got {tuple(x.shape[2:])}")
         if self.in_channels == 1:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridseg.networks.resnet import ResNet34Features, resnet34_state_dict_from_torchvision
+from hybridseg.networks.resnet import ResNet34Features
 from hybridseg.networks.resnet import load_weights_file as _load_weights_file
+from hybridseg.networks.resnet import resnet34_state_dict_from_torchvision
 from hybridseg.networks.swin_v2 import (
     SwinV2Features,
     equal_constant,
@@ -182,12 +183,7 @@ class CFFormerEncoder(nn.Module):
         skips = [cnn.stem(x)]
         cnn_in = cnn.maxpool(skips[0])
         trans_in = x  # the Swin branch starts from the raw image (patch embedding)
-        fusions = [
-            (self.cfca1, self.xff1),
-            (self.cfca2, self.xff2),
-            (self.cfca3, self.xff3),
-            (self.cfca4, self.xff4),
-        ]
+        fusions = [(self.cfca1, self.xff1), (self.cfca2, self.xff2), (self.cfca3, self.xff3), (self.cfca4, self.xff4)]
         for k, (stage, (cfca, xff)) in enumerate(zip(cnn.stages(), fusions, strict=True)):
             c = stage(cnn_in)
             t = feats[2 * k + 1](feats[2 * k](trans_in)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
@@ -226,11 +222,7 @@ class CFFormer(nn.Module):
     """
 
     def __init__(
-        self,
-        variant: str = "b",
-        in_channels: int = 3,
-        num_classes: int = 1,
-        stochastic_depth_prob: float | None = None,
+        self, variant: str = "b", in_channels: int = 3, num_classes: int = 1, stochastic_depth_prob: float | None = None
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -252,9 +244,7 @@ class CFFormer(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"CFFormer expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         if x.shape[2] % SIZE_MULTIPLE or x.shape[3] % SIZE_MULTIPLE:
-            raise ValueError(
-                f"CFFormer needs H and W that are multiples of {SIZE_MULTIPLE}, got {tuple(x.shape[2:])}"
-            )
+            raise ValueError(f"CFFormer needs H and W that are multiples of {SIZE_MULTIPLE}, got {tuple(x.shape[2:])}")
         # channels_last throughout: oneDNN convolutions run 2-5x faster in it on CPU, and it is the
         # Swin branch's native NHWC layout, so the hand-overs between the branches are free views.
         x = x.contiguous(memory_format=torch.channels_last)
@@ -284,10 +274,7 @@ _RENAME_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"^encoder\.cdca([1-4])\.channel_self_attn2\.linear([12])\.(weight|bias)$"),
         r"encoder.cfca\1.se_cnn.fc\2.\3",
     ),
-    (
-        re.compile(r"^encoder\.X_spatial_([1-4])\.(cnn_conv|trans_conv)\.(weight|bias)$"),
-        r"encoder.xff\1.\2.\3",
-    ),
+    (re.compile(r"^encoder\.X_spatial_([1-4])\.(cnn_conv|trans_conv)\.(weight|bias)$"), r"encoder.xff\1.\2.\3"),
     (re.compile(r"^encoder\.X_spatial_([1-4])\.out\.(weight|bias)$"), r"encoder.xff\1.out_conv.\2"),
     (re.compile(r"^decoder\.(upconv[1-5]\..+)$"), r"decoder.\1"),
     (re.compile(r"^decoder\.out\.(.+)$"), r"head.\1"),
@@ -307,9 +294,7 @@ def reference_seed_name(key: str) -> str | None:
     return None
 
 
-def convert_reference_state_dict(
-    sd: Mapping[str, torch.Tensor], in_channels: int = 3
-) -> dict[str, torch.Tensor]:
+def convert_reference_state_dict(sd: Mapping[str, torch.Tensor], in_channels: int = 3) -> dict[str, torch.Tensor]:
     """Map a state dict of the reference implementation (``CDFormer`` in U-Bench) to ``CFFormer`` keys.
 
     - alias keys (``encoder.cnn_layer*``, ``encoder.transformer_layer*``) must hold the same tensor as
@@ -323,10 +308,7 @@ def convert_reference_state_dict(
     """
     out: dict[str, torch.Tensor] = {}
     unknown, bad_alias, bad_const = [], [], []
-    constants = {
-        "relative_coords_table": relative_coords_table(),
-        "relative_position_index": relative_position_index(),
-    }
+    constants = {"relative_coords_table": relative_coords_table(), "relative_position_index": relative_position_index()}
     for key, value in sd.items():
         seed = reference_seed_name(key)
         if seed is not None:
@@ -373,9 +355,7 @@ def convert_reference_state_dict(
 
 
 def load_imagenet_weights(
-    model: CFFormer,
-    resnet34: str | os.PathLike | None = None,
-    swin: str | os.PathLike | None = None,
+    model: CFFormer, resnet34: str | os.PathLike | None = None, swin: str | os.PathLike | None = None
 ) -> dict[str, dict[str, object]]:
     """Load torchvision ImageNet checkpoints into the backbones of ``model`` (all-or-nothing).
 
@@ -390,9 +370,7 @@ def load_imagenet_weights(
     staged = []
     if resnet34 is not None:
         sd = _load_weights_file(resnet34)
-        staged.append(
-            ("resnet34", resnet34, enc.cnn, sd, resnet34_state_dict_from_torchvision(sd, enc.cnn, resnet34))
-        )
+        staged.append(("resnet34", resnet34, enc.cnn, sd, resnet34_state_dict_from_torchvision(sd, enc.cnn, resnet34)))
     if swin is not None:
         sd = _load_weights_file(swin)
         staged.append(
@@ -410,10 +388,6 @@ def load_imagenet_weights(
         ignored = sorted(k for k in raw if k not in converted)
         report[name] = {"path": str(path), "loaded": len(converted), "ignored": ignored}
         log.info(
-            "loaded %s ImageNet weights from %s (%d tensors, %d ignored)",
-            name,
-            path,
-            len(converted),
-            len(ignored),
+            "loaded %s ImageNet weights from %s (%d tensors, %d ignored)", name, path, len(converted), len(ignored)
         )
     return report

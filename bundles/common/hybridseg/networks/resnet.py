@@ -33,13 +33,9 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling/zip failure means the file is not a usable checkpoint
-        raise InputDataError(
-            path, f"cannot be read as a torch state dict ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise InputDataError(path, f"cannot be read as a torch state dict ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, Mapping) or not obj:
-        raise InputDataError(
-            path, f"expected a non-empty state dict (name -> tensor), found {type(obj).__name__}"
-        )
+        raise InputDataError(path, f"expected a non-empty state dict (name -> tensor), found {type(obj).__name__}")
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise InputDataError(path, f"not a plain state dict; entries that are not tensors: {_listing(bad)}")
@@ -54,10 +50,7 @@ def _listing(keys: list[str]) -> str:
 
 
 def check_state_dict(
-    sd: Mapping[str, torch.Tensor],
-    expected: Mapping[str, torch.Tensor],
-    source: str | os.PathLike | None,
-    what: str,
+    sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str | os.PathLike | None, what: str
 ) -> None:
     """Raise InputDataError naming ``source`` when ``sd`` lacks, adds or misshapes keys of ``expected``."""
     missing = [k for k in expected if k not in sd]
@@ -204,9 +197,7 @@ def resnet34_state_dict_from_torchvision(
     """
     out = {k: v for k, v in sd.items() if k not in TORCHVISION_RESNET_IGNORED}
     if "conv1.weight" in out:
-        out["conv1.weight"] = stem_weight_for_channels(
-            out["conv1.weight"], model.in_channels, "conv1.weight", source
-        )
+        out["conv1.weight"] = stem_weight_for_channels(out["conv1.weight"], model.in_channels, "conv1.weight", source)
     expected = model.state_dict()
     fill_missing_bn_counters(out, expected)
     check_state_dict(out, expected, source, what="a torchvision resnet34 state dict")

@@ -25,11 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridseg.io import InputDataError
-from hybridseg.networks.resnet import (
-    check_state_dict,
-    load_weights_file,
-    stem_weight_for_channels,
-)
+from hybridseg.networks.resnet import check_state_dict, load_weights_file, stem_weight_for_channels
 
 WINDOW = 8
 # Checkpoint keys of torchvision's classifier model that the feature extractor does not register.
@@ -177,9 +173,7 @@ class ShiftedWindowAttentionV2(nn.Module):
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
         self.qkv = QKVLinear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.cpb_mlp = nn.Sequential(
-            nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
-        )
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
         self.register_buffer("relative_coords_table", relative_coords_table(window), persistent=False)
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
@@ -259,9 +253,7 @@ class SwinMLP(nn.Sequential):
 class SwinTransformerBlockV2(nn.Module):
     """Post-norm Swin-V2 block on NHWC: ``x + sd(norm1(attn(x)))``, then ``x + sd(norm2(mlp(x)))``."""
 
-    def __init__(
-        self, dim: int, num_heads: int, shift: int = 0, drop_path: float = 0.0, window: int = WINDOW
-    ):
+    def __init__(self, dim: int, num_heads: int, shift: int = 0, drop_path: float = 0.0, window: int = WINDOW):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = ShiftedWindowAttentionV2(dim, num_heads, window, shift)
@@ -312,9 +304,7 @@ class PatchEmbed(nn.Sequential):
     """Conv 4x4/4 (C_in -> D), permute to NHWC, LayerNorm(D): (B, C_in, H, W) -> (B, H/4, W/4, D)."""
 
     def __init__(self, in_channels: int, dim: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, dim, kernel_size=4, stride=4), Permute((0, 2, 3, 1)), nn.LayerNorm(dim)
-        )
+        super().__init__(nn.Conv2d(in_channels, dim, kernel_size=4, stride=4), Permute((0, 2, 3, 1)), nn.LayerNorm(dim))
 
 
 class SwinV2Features(nn.Module):
@@ -324,9 +314,7 @@ class SwinV2Features(nn.Module):
     Stage k (1-based) is ``features[2k-2]`` (patch embedding or merging) then ``features[2k-1]`` (blocks).
     """
 
-    def __init__(
-        self, name: str = "swin_v2_s", in_channels: int = 3, stochastic_depth_prob: float | None = None
-    ):
+    def __init__(self, name: str = "swin_v2_s", in_channels: int = 3, stochastic_depth_prob: float | None = None):
         super().__init__()
         if name not in SWIN_V2_CONFIGS:
             raise ValueError(f"unknown Swin-V2 model {name!r}; choose one of {sorted(SWIN_V2_CONFIGS)}")
@@ -344,9 +332,7 @@ class SwinV2Features(nn.Module):
             for j in range(depth):
                 # Drop probability rises linearly over all blocks, 0 for the first, sd_prob for the last.
                 p = sd_prob * block_id / (total - 1)
-                blocks.append(
-                    SwinTransformerBlockV2(dim, heads, shift=0 if j % 2 == 0 else WINDOW // 2, drop_path=p)
-                )
+                blocks.append(SwinTransformerBlockV2(dim, heads, shift=0 if j % 2 == 0 else WINDOW // 2, drop_path=p))
                 block_id += 1
             layers.append(nn.Sequential(*blocks))
         self.features = nn.Sequential(*layers)
@@ -395,10 +381,7 @@ def swin_v2_state_dict_from_torchvision(
     out: dict[str, torch.Tensor] = {}
     expected = model.state_dict()
     buffers = dict(model.named_buffers())
-    constants = {
-        "relative_coords_table": relative_coords_table(),
-        "relative_position_index": relative_position_index(),
-    }
+    constants = {"relative_coords_table": relative_coords_table(), "relative_position_index": relative_position_index()}
     bad_constants = []
     for key, value in sd.items():
         if key.startswith(TORCHVISION_SWIN_IGNORED_PREFIXES):
@@ -411,8 +394,7 @@ def swin_v2_state_dict_from_torchvision(
         out[key] = value
     if bad_constants:
         raise InputDataError(
-            source,
-            f"constant buffers differ from a window-{WINDOW} Swin-V2 (wrong model?): {bad_constants[:10]}",
+            source, f"constant buffers differ from a window-{WINDOW} Swin-V2 (wrong model?): {bad_constants[:10]}"
         )
     key = "features.0.0.weight"
     if key in out:

@@ -7,8 +7,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from hybridseg.data.synth_synapse import ORGAN_HU, case_ids, make_ct_case, synth_synapse
+
 from hybridseg.io import InputDataError
+from hybridseg.tools.synth_synapse import ORGAN_HU, case_ids, make_ct_case, synth_synapse
 
 
 @pytest.fixture(scope="module")

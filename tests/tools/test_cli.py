@@ -10,7 +10,8 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from hybridseg.cli import COMMANDS, main, normalise_argv
+
+from hybridseg.tools.cli import COMMANDS, main, normalise_argv
 
 EXPECTED = [
     "synth_busi",
@@ -51,7 +52,7 @@ def test_help_of_one_command_shows_its_flags():
 
 
 def test_cli_does_not_import_the_networks():
-    code = "import sys, hybridseg.cli; print(any(m.startswith('hybridseg.networks') for m in sys.modules))"
+    code = "import sys, hybridseg.tools.cli; print(any(m.startswith('hybridseg.networks') for m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
 
@@ -71,21 +72,7 @@ def test_space_separated_values_become_one_list(argv: list[str], expected: list[
 
 
 def test_space_separated_shape_reaches_the_generator(tmp_path: Path, capsys):
-    main(
-        [
-            "synth_synapse",
-            "--out",
-            str(tmp_path / "ct"),
-            "--n",
-            "1",
-            "--shape",
-            "40",
-            "36",
-            "9",
-            "--seed",
-            "2",
-        ]
-    )
+    main(["synth_synapse", "--out", str(tmp_path / "ct"), "--n", "1", "--shape", "40", "36", "9", "--seed", "2"])
     assert nib.load(tmp_path / "ct" / "img" / "img0001.nii.gz").shape == (40, 36, 9)
 
 
@@ -111,6 +98,4 @@ def test_space_separated_classes_and_split_reach_the_datalist(tmp_path: Path, ca
         ]
     )
     data = json.loads(out.read_text())
-    assert (
-        data["classes"] == ["benign", "normal"] and data["split"] == [0.5, 0.25, 0.25] and data["seed"] == 3
-    )
+    assert data["classes"] == ["benign", "normal"] and data["split"] == [0.5, 0.25, 0.25] and data["seed"] == 3

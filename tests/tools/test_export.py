@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hybridseg.export import build_network, export_torchscript
-from hybridseg.io import InputDataError
-from hybridseg.package import verify_metadata
-from hybridseg.schemas import METADATA_SCHEMA
 
+from hybridseg.io import InputDataError
+from hybridseg.schemas import METADATA_SCHEMA
+from hybridseg.tools.export import build_network, export_torchscript
+from hybridseg.tools.package import verify_metadata
 from tests.reference import REPO_ROOT
 
 BUNDLES = REPO_ROOT / "bundles"
@@ -22,7 +22,7 @@ NAMES = ["cfformer_busi", "braunetpp_synapse"]
 # CPU-sized overrides that keep each bundle's network class: CFFormer's smallest variant at 64 px;
 # BRAU-Net++ with narrow levels at 64 px (n_win 4 divides its 16/8/4 maps). The second size is one the
 # exported graph must also take: CFFormer any multiple of 32; BRAU-Net++ one with the same routing
-# padding pattern as the export size (every map still a multiple of n_win, see hybridseg.export).
+# padding pattern as the export size (every map still a multiple of n_win, see hybridseg.tools.export).
 TINY = {
     "cfformer_busi": ({"variant": "s", "image_size": [64, 64]}, [1, 3, 96, 128]),
     "braunetpp_synapse": (
@@ -44,13 +44,7 @@ def _meta(name: str):
 @pytest.mark.parametrize("name", NAMES)
 def test_verify_metadata_command_passes_with_the_local_schema(name):
     r = _run(
-        "-m",
-        "monai.bundle",
-        "verify_metadata",
-        "--meta_file",
-        str(_meta(name)),
-        "--filepath",
-        str(METADATA_SCHEMA),
+        "-m", "monai.bundle", "verify_metadata", "--meta_file", str(_meta(name)), "--filepath", str(METADATA_SCHEMA)
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "metadata is verified with no error" in r.stdout + r.stderr
@@ -62,9 +56,7 @@ def test_verify_metadata_command_fails_when_a_required_field_is_removed(tmp_path
     del meta["copyright"]
     bad = tmp_path / "metadata.json"
     bad.write_text(json.dumps(meta, indent=4))
-    r = _run(
-        "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bad), "--filepath", str(METADATA_SCHEMA)
-    )
+    r = _run("-m", "monai.bundle", "verify_metadata", "--meta_file", str(bad), "--filepath", str(METADATA_SCHEMA))
     assert r.returncode != 0
     assert "'copyright' is a required property" in r.stdout + r.stderr
 
@@ -134,7 +126,8 @@ def tiny_ckpts(tmp_path_factory):
 @pytest.mark.parametrize("name", NAMES)
 def test_export_command_writes_torchscript_and_onnx_that_match_the_eager_network(name, tiny_ckpts, tmp_path):
     import onnxruntime as ort
-    from hybridseg.cli import main
+
+    from hybridseg.tools.cli import main
 
     overrides, second = TINY[name]
     flags = [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
@@ -203,7 +196,7 @@ def test_torchscript_export_rejects_a_checkpoint_of_another_network(tmp_path):
 )
 @pytest.mark.parametrize("name", NAMES)
 def test_published_network_exports_match_eager_at_224_and_a_second_size(name, tmp_path):
-    from hybridseg.export import compare_torchscript, export_onnx
+    from hybridseg.tools.export import compare_torchscript, export_onnx
 
     bundle = BUNDLES / name
     channels = 3 if name == "cfformer_busi" else 1

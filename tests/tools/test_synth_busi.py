@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hybridseg.data.synth_busi import class_counts, synth_busi
-from hybridseg.io import InputDataError
 from PIL import Image
 from scipy import ndimage
+
+from hybridseg.io import InputDataError
+from hybridseg.tools.synth_busi import class_counts, synth_busi
 
 NAME_RE = re.compile(r"^(benign|malignant|normal) \((\d+)\)(_mask(_\d+)?)?\.png$")
 

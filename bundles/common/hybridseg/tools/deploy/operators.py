@@ -20,7 +20,7 @@ from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleIn
 
 from hybridseg.io import InputDataError
 
-LOG = logging.getLogger("hybridseg.deploy")
+LOG = logging.getLogger("hybridseg.tools.deploy")
 
 # The bundles' own file loaders and writers. The app does the I/O (DICOM in, DICOM SEG / NIfTI / PNG out),
 # so, as the SDK drops MONAI's LoadImage*/SaveImage*, these are dropped from the config before they are
@@ -87,8 +87,7 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
             x = x[0]  # one DICOM frame as stored, (1, rows, columns)
         if x.ndim != 2:
             raise InputDataError(
-                name,
-                f"expected one gray 2D image (one MONOCHROME frame), got array of shape {tuple(x.shape)}",
+                name, f"expected one gray 2D image (one MONOCHROME frame), got array of shape {tuple(x.shape)}"
             )
         meta["spatial_shape"] = np.asarray(x.shape)
         # identity 2D affine, as LoadImage2Dd sets it, so Resized/Invertd see the same geometry
@@ -197,9 +196,7 @@ def png_inputs(path: Path) -> list[Path]:
         raise InputDataError(path, "no such file or folder")
     files = sorted(f for f in path.iterdir() if f.is_file() and f.name.lower().endswith(PNG_SUFFIXES))
     if not files:
-        raise InputDataError(
-            path, f"folder contains no DICOM files and no images ({', '.join(PNG_SUFFIXES)})"
-        )
+        raise InputDataError(path, f"folder contains no DICOM files and no images ({', '.join(PNG_SUFFIXES)})")
     return files
 
 

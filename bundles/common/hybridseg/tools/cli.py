@@ -7,15 +7,15 @@ import sys
 
 import fire
 
-from hybridseg.bench import bench
 from hybridseg.data.busi import datalist_busi
 from hybridseg.data.synapse import datalist_synapse
-from hybridseg.data.synth_busi import synth_busi
-from hybridseg.data.synth_synapse import synth_synapse
-from hybridseg.data.transunet import convert_transunet
-from hybridseg.demo import demo
-from hybridseg.export import export
-from hybridseg.package import package
+from hybridseg.tools.bench import bench
+from hybridseg.tools.demo import demo
+from hybridseg.tools.export import export
+from hybridseg.tools.package import package
+from hybridseg.tools.synth_busi import synth_busi
+from hybridseg.tools.synth_synapse import synth_synapse
+from hybridseg.tools.transunet import convert_transunet
 
 
 def _quiet(fn):

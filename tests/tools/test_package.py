@@ -17,15 +17,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hybridseg.cli import main
-from hybridseg.export import build_network
-from hybridseg.io import InputDataError
-from hybridseg.package import package, verify_metadata
 from PIL import Image
 
+from hybridseg.io import InputDataError
+from hybridseg.tools.cli import main
+from hybridseg.tools.export import build_network
+from hybridseg.tools.package import package, verify_metadata
 from tests.bundles.conftest import infer
 from tests.reference import REPO_ROOT
-from tests.test_export import TINY
+from tests.tools.test_export import TINY
 
 BUNDLES = REPO_ROOT / "bundles"
 NAMES = list(TINY)

@@ -165,9 +165,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_tflops(
-    dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 2048, reps: int = 5
-) -> float:
+def matmul_peak_tflops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 2048, reps: int = 5) -> float:
     """Best achieved TFLOP/s of a square matmul in ``dtype`` on ``device`` (after one warm-up).
 
     The side doubles from 256 up to ``n``, stopping early once one product takes over 0.25 s: emulated
@@ -317,9 +315,7 @@ def _train_fn(
     return step
 
 
-def _interleaved(
-    cases: list[tuple[str, Callable[[], object]]], reps: int
-) -> dict[str, dict[str, list[float]]]:
+def _interleaved(cases: list[tuple[str, Callable[[], object]]], reps: int) -> dict[str, dict[str, list[float]]]:
     """Wall and CPU seconds of ``reps`` calls of each case, the cases taking turns within each rep."""
     res: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k, _ in cases}
     for _ in range(reps):

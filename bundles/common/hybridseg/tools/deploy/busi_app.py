@@ -5,7 +5,7 @@ images. Output: ``<stem>_mask.png`` (0/255) at each input's size, where ``<stem>
 or the DICOM SeriesInstanceUID, and for DICOM input also a DICOM SEG with the segment "lesion". The model is
 the TorchScript from ``ckpt_export`` of ``cfformer_busi``.
 
-    python -m hybridseg.deploy.busi_app -i INPUT -m model.ts -o OUTPUT_FOLDER
+    python -m hybridseg.tools.deploy.busi_app -i INPUT -m model.ts -o OUTPUT_FOLDER
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ from pathlib import Path
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Image, IOType
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
-from monai.deploy.operators.dicom_seg_writer_operator import (
-    DICOMSegmentationWriterOperator,
-    SegmentDescription,
-)
+from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
 from monai.deploy.operators.monai_bundle_inference_operator import BundleConfigNames, IOMapping
 from pydicom.sr.codedict import codes
 
-from hybridseg.deploy.operators import BundleInferenceOperator, MaskPngWriterOperator, PngLoaderOperator
+from hybridseg.tools.deploy.operators import BundleInferenceOperator, MaskPngWriterOperator, PngLoaderOperator
 
 US_SELECTION = json.dumps({"selections": [{"name": "US image", "conditions": {"Modality": "(?i)US"}}]})
 # DICOM LO values hold at most 64 characters
@@ -73,12 +70,8 @@ class BusiSegApp(Application):
         output_path = Path(app_context.output_path)
         model_path = Path(app_context.model_path)
         dicom = has_dicom(input_path)
-        logging.getLogger("hybridseg.deploy").info(
-            "input %s (%s), model %s, output %s",
-            input_path,
-            "DICOM" if dicom else "images",
-            model_path,
-            output_path,
+        logging.getLogger("hybridseg.tools.deploy").info(
+            "input %s (%s), model %s, output %s", input_path, "DICOM" if dicom else "images", model_path, output_path
         )
         inference = BundleInferenceOperator(
             self,
@@ -97,16 +90,11 @@ class BusiSegApp(Application):
             self.add_flow(loader, inference, {("image", "image")})
             return
         folder = input_path if input_path.is_dir() else input_path.parent
-        loader = DICOMDataLoaderOperator(
-            self, CountCondition(self, 1), input_folder=folder, name="dcm_loader"
-        )
+        loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=folder, name="dcm_loader")
         selector = DICOMSeriesSelectorOperator(self, rules=US_SELECTION, name="series_selector")
         to_image = DICOMSeriesToVolumeOperator(self, name="series_to_image")
         seg_writer = DICOMSegmentationWriterOperator(
-            self,
-            segment_descriptions=segment_descriptions(),
-            output_folder=output_path,
-            name="dicom_seg_writer",
+            self, segment_descriptions=segment_descriptions(), output_folder=output_path, name="dicom_seg_writer"
         )
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, to_image, {("study_selected_series_list", "study_selected_series_list")})

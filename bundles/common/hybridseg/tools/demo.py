@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 BUNDLES = REPO / "bundles"
 
 
@@ -48,14 +48,9 @@ def _bundle_cmd(bundle: str, configs: list[str], **overrides: object) -> list[st
 def _train_evaluate_infer(bundle: str, data: Path, work: Path, n_infer: int, times: dict, log: Path) -> None:
     """Train (quick settings), evaluate on the test split, infer on copies of ``n_infer`` test inputs."""
     common = dict(dataset_dir=data, ckpt_dir=work / "models")
-    times["train"] = _run(
-        _bundle_cmd(bundle, ["train.json", "quick.json"], output_dir=work / "train", **common), log
-    )
+    times["train"] = _run(_bundle_cmd(bundle, ["train.json", "quick.json"], output_dir=work / "train", **common), log)
     times["evaluate"] = _run(
-        _bundle_cmd(
-            bundle, ["train.json", "quick.json", "evaluate.json"], output_dir=work / "test", **common
-        ),
-        log,
+        _bundle_cmd(bundle, ["train.json", "quick.json", "evaluate.json"], output_dir=work / "test", **common), log
     )
     test = json.loads((data / "datalist.json").read_text())["test"][:n_infer]
     samples = work / "inference_inputs"
@@ -81,9 +76,7 @@ def demo_busi(out: Path, n: int, size: int, log: Path) -> dict:
     times["generate"] = _run(
         py + ["synth_busi", "--out", str(data), "--n", str(n), "--size", str(size), "--seed", "0"], log
     )
-    times["datalist"] = _run(
-        py + ["datalist_busi", "--root", str(data), "--out", str(data / "datalist.json")], log
-    )
+    times["datalist"] = _run(py + ["datalist_busi", "--root", str(data), "--out", str(data / "datalist.json")], log)
     _train_evaluate_infer("cfformer_busi", data, work, 4, times, log)
     return {
         "work": work,
@@ -98,22 +91,17 @@ def demo_synapse(out: Path, n: int, shape: tuple[int, int, int], log: Path) -> d
     py = [sys.executable, "-m", "hybridseg"]
     times = {}
     times["generate"] = _run(
-        py + ["synth_synapse", "--out", str(data), "--n", str(n), "--shape", *map(str, shape), "--seed", "0"],
-        log,
+        py + ["synth_synapse", "--out", str(data), "--n", str(n), "--shape", *map(str, shape), "--seed", "0"], log
     )
     times["datalist"] = _run(
-        py
-        + ["datalist_synapse", "--root", str(data), "--out", str(data / "datalist.json"), "--num_val", "1"],
-        log,
+        py + ["datalist_synapse", "--root", str(data), "--out", str(data / "datalist.json"), "--num_val", "1"], log
     )
     _train_evaluate_infer("braunetpp_synapse", data, work, 1, times, log)
     return {
         "work": work,
         "times": times,
         "table": (work / "test" / "summary.md").read_text(),
-        "summary": {
-            p: json.loads((work / "test" / f"summary_{p}.json").read_text()) for p in ("paper", "physical")
-        },
+        "summary": {p: json.loads((work / "test" / f"summary_{p}.json").read_text()) for p in ("paper", "physical")},
     }
 
 

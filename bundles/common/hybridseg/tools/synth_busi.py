@@ -38,8 +38,7 @@ def prepare_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise InputDataError(out, "output path exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputDataError(
-            out,
-            "output folder is not empty; choose an empty folder or pass --overwrite to replace files in it",
+            out, "output folder is not empty; choose an empty folder or pass --overwrite to replace files in it"
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -162,10 +161,7 @@ def make_busi_image(
         radius = rng.uniform(0.09, 0.2) if i == 0 else rng.uniform(0.05, 0.1)
         for _attempt in range(20):  # keep extra lesions apart from earlier ones when there is room
             centre = (rng.uniform(0.38, 0.6), rng.uniform(0.25, 0.75))
-            if all(
-                np.hypot((centre[0] - c0) * h / w, centre[1] - c1) > 1.2 * (radius + r)
-                for c0, c1, r in placed
-            ):
+            if all(np.hypot((centre[0] - c0) * h / w, centre[1] - c1) > 1.2 * (radius + r) for c0, c1, r in placed):
                 break
         placed.append((centre[0], centre[1], radius))
         mask, soft, bottom = _lesion(rng, h, w, malignant, centre, radius)
@@ -192,12 +188,7 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def synth_busi(
-    out: str,
-    n: int = 12,
-    size: int = 128,
-    seed: int = 0,
-    size_jitter: float = 0.0,
-    overwrite: bool = False,
+    out: str, n: int = 12, size: int = 128, seed: int = 0, size_jitter: float = 0.0, overwrite: bool = False
 ) -> str:
     """Write ``n`` synthetic BUSI-like images with masks in BUSI's layout under ``out``.
 
@@ -242,9 +233,7 @@ def synth_busi(
             h, w = (int(round(size * (1 + rng.uniform(-size_jitter, size_jitter)))) for _ in range(2))
         image, masks = make_busi_image(rng, h, w, cls, n_lesions[i])
         stem = f"{cls} ({k})"
-        _save_png(
-            out_dir / cls / f"{stem}.png", np.repeat(image[..., None], 3, axis=2) if i in rgb else image
-        )
+        _save_png(out_dir / cls / f"{stem}.png", np.repeat(image[..., None], 3, axis=2) if i in rgb else image)
         for m, mask in enumerate(masks):
             suffix = "_mask" if m == 0 else f"_mask_{m}"
             _save_png(out_dir / cls / f"{stem}{suffix}.png", mask.astype(np.uint8) * np.uint8(255))

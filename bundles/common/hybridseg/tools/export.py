@@ -32,7 +32,7 @@ import torch
 
 from hybridseg.io import InputDataError, atomic_path
 
-log = logging.getLogger("hybridseg.export")
+log = logging.getLogger("hybridseg.tools.export")
 
 # Names of the network's input and output: the keys of network_data_format (and of the Deploy operator's
 # IOMapping), so exported graphs say what they take.
@@ -46,9 +46,7 @@ def bundle_config_files(bundle: str | os.PathLike) -> tuple[Path, Path]:
     files = root / "configs" / "inference.json", root / "configs" / "metadata.json"
     for f in files:
         if not f.is_file():
-            raise InputDataError(
-                f, "missing: not a bundle folder (needs configs/inference.json and metadata.json)"
-            )
+            raise InputDataError(f, "missing: not a bundle folder (needs configs/inference.json and metadata.json)")
     return files
 
 
@@ -209,9 +207,7 @@ def export_onnx(
             ref = net(x).numpy()
             (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
             if got.shape != ref.shape:
-                raise AssertionError(
-                    f"onnxruntime output {got.shape} != eager {ref.shape} for input {list(s)}"
-                )
+                raise AssertionError(f"onnxruntime output {got.shape} != eager {ref.shape} for input {list(s)}")
             diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
             if diff > atol + rtol * scale:
                 raise AssertionError(

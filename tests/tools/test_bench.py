@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from hybridseg import bench as B
+
+from hybridseg.tools import bench as B
 
 
 @pytest.mark.slow

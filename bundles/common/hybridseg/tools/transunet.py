@@ -34,8 +34,8 @@ import h5py
 import numpy as np
 
 from hybridseg.data.synapse import HU_WINDOW, LABEL_SCHEMES, identity_mapping, split_cases, write_nifti
-from hybridseg.data.synth_busi import prepare_output_dir
 from hybridseg.io import InputDataError, atomic_write_text, ensure_not_input
+from hybridseg.tools.synth_busi import prepare_output_dir
 
 _NPZ_RE = re.compile(r"^case(\d+)_slice(\d+)\.npz$")
 _H5_RE = re.compile(r"^case(\d+)(?:\.npy)?\.h5$")
@@ -45,9 +45,7 @@ SCHEME = "transunet_8organ"
 def _check_arrays(path: Path, image: np.ndarray, label: np.ndarray, ndim: int, what: str = "") -> None:
     """Shape, value and id checks shared by slices and volumes; errors name the file."""
     if image.ndim != ndim or label.ndim != ndim:
-        raise InputDataError(
-            path, f"{what}expected {ndim}D image and label, found shapes {image.shape}, {label.shape}"
-        )
+        raise InputDataError(path, f"{what}expected {ndim}D image and label, found shapes {image.shape}, {label.shape}")
     if image.shape != label.shape:
         raise InputDataError(path, f"{what}label shape {label.shape} differs from image shape {image.shape}")
     if image.size == 0:
@@ -59,8 +57,7 @@ def _check_arrays(path: Path, image: np.ndarray, label: np.ndarray, ndim: int, w
     lo, hi = float(image.min()), float(image.max())
     if lo < 0.0 or hi > 1.0:
         raise InputDataError(
-            path,
-            f"{what}image values span [{lo:g}, {hi:g}], outside [0, 1]: not TransUNet's windowed release",
+            path, f"{what}image values span [{lo:g}, {hi:g}], outside [0, 1]: not TransUNet's windowed release"
         )
     ids = np.unique(label)
     if not np.all(np.mod(ids, 1) == 0):
@@ -136,9 +133,7 @@ def _train_cases(root: Path, list_file: Path | None) -> tuple[dict[str, list[Pat
         names = [n.removesuffix(".npz") for n in _read_list(list_file)]
         for n in names:
             if n not in by_name:
-                raise InputDataError(
-                    list_file, f"lists slice {n!r} but {folder / (n + '.npz')} does not exist"
-                )
+                raise InputDataError(list_file, f"lists slice {n!r} but {folder / (n + '.npz')} does not exist")
         chosen = [by_name[n] for n in names]
     else:
         chosen = files
@@ -195,9 +190,7 @@ def _stack_case(case: str, files: list[Path]) -> tuple[np.ndarray, np.ndarray, n
     for p in files:
         image, label = _read_npz(p)
         if images and image.shape != images[0].shape:
-            raise InputDataError(
-                p, f"slice shape {image.shape} differs from {images[0].shape} of {files[0].name}"
-            )
+            raise InputDataError(p, f"slice shape {image.shape} differs from {images[0].shape} of {files[0].name}")
         if _image_dtype(p, image) == np.float64:
             dtype = np.dtype(np.float64)
         images.append(image)
@@ -206,12 +199,7 @@ def _stack_case(case: str, files: list[Path]) -> tuple[np.ndarray, np.ndarray, n
 
 
 def convert_transunet(
-    root: str,
-    out: str,
-    lists_dir: str | None = None,
-    seed: int = 0,
-    num_val: int = 4,
-    overwrite: bool = False,
+    root: str, out: str, lists_dir: str | None = None, seed: int = 0, num_val: int = 4, overwrite: bool = False
 ) -> str:
     """Convert TransUNet's ``train_npz`` / ``test_vol_h5`` release to NIfTI volumes and a datalist.
 
@@ -262,9 +250,7 @@ def convert_transunet(
     def lab_rel(case: str) -> str:
         return f"labels/case{case}.nii.gz"
 
-    outputs = [out_path / f(c) for c in [*train, *test] for f in (img_rel, lab_rel)] + [
-        out_path / "datalist.json"
-    ]
+    outputs = [out_path / f(c) for c in [*train, *test] for f in (img_rel, lab_rel)] + [out_path / "datalist.json"]
     inputs = [p for files in train.values() for p in files] + list(test.values())
     for dest in outputs:
         ensure_not_input(dest, inputs)
@@ -277,9 +263,7 @@ def convert_transunet(
         write_nifti(out_path / lab_rel(case), label.astype(np.uint8), affine)
     for case, p in test.items():
         image, label = _read_h5(p)
-        write_nifti(
-            out_path / img_rel(case), np.moveaxis(image, 0, -1).astype(_image_dtype(p, image)), affine
-        )
+        write_nifti(out_path / img_rel(case), np.moveaxis(image, 0, -1).astype(_image_dtype(p, image)), affine)
         write_nifti(out_path / lab_rel(case), np.moveaxis(label, 0, -1).astype(np.uint8), affine)
 
     parts = split_cases([*train, *test], seed=seed, num_val=num_val, test_cases=list(test))
@@ -310,10 +294,7 @@ def convert_transunet(
         "intensity": {"windowed": True, "hu_window": list(HU_WINDOW)},
         "spacing": "unit (voxels): the TransUNet release records no spacing",
         "seed": int(seed),
-        **{
-            part: [{"image": img_rel(c), "label": lab_rel(c), "case": c} for c in ids]
-            for part, ids in parts.items()
-        },
+        **{part: [{"image": img_rel(c), "label": lab_rel(c), "case": c} for c in ids] for part, ids in parts.items()},
     }
     atomic_write_text(out_path / "datalist.json", json.dumps(datalist, indent=4) + "\n")
     return str(out_path / "datalist.json")

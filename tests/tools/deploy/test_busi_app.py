@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tests.bundles.conftest import infer
-from tests.deploy.conftest import deploy_python, export_tiny_bundle, run_app, write_us_image
+from tests.tools.deploy.conftest import deploy_python, export_tiny_bundle, run_app, write_us_image
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ TINY = {"variant": "s", "image_size": [64, 64], "amp": False, "write_overlays": 
 def run(tmp_path_factory):
     """One generated 80 x 96 image (not square, so a transposed axis shows) as PNG and as DICOM US; one tiny
     exported network; the app's outputs for both inputs and the bundle's for the PNG."""
-    from hybridseg.data.synth_busi import make_busi_image
+    from hybridseg.tools.synth_busi import make_busi_image
 
     deploy_python()
     work = tmp_path_factory.mktemp("busi_deploy")
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     for kind in ("png", "dicom"):
         outs[kind] = work / f"app_{kind}"
         outs[kind].mkdir()
-        run_app("hybridseg.deploy.busi_app", work / kind, exported["ts"], outs[kind])
+        run_app("hybridseg.tools.deploy.busi_app", work / kind, exported["ts"], outs[kind])
     infer("cfformer_busi", work / "png", work / "bundle_out", exported["ckpt"], **TINY)
     bundle_mask = np.asarray(Image.open(work / "bundle_out" / "case1_mask.png"))
     return {"gray": gray, "series": series_uid, "app": outs, "bundle_mask": bundle_mask}
@@ -65,14 +65,14 @@ def test_dicom_input_gives_the_same_mask_png_and_a_dicom_seg_of_it(run):
 def test_an_input_folder_without_dicom_or_images_fails_naming_the_folder(tmp_path):
     import subprocess
 
-    from tests.deploy.conftest import deploy_python
+    from tests.tools.deploy.conftest import deploy_python
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image\n")
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [str(deploy_python()), "-m", "hybridseg.deploy.busi_app"]
+    cmd = [str(deploy_python()), "-m", "hybridseg.tools.deploy.busi_app"]
     cmd += ["-i", str(empty), "-m", str(empty / "notes.txt"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

@@ -4,7 +4,7 @@ DICOM CT series -> series selector (first CT series) -> volume -> bundle inferen
 ``ckpt_export`` of ``braunetpp_synapse``) -> a DICOM SEG naming the 8 organs, and the NIfTI label volume
 ``<SeriesInstanceUID>_seg.nii.gz`` (+ ``_seg.json``) on the series' grid.
 
-    python -m hybridseg.deploy.synapse_app -i DICOM_FOLDER -m model.ts -o OUTPUT_FOLDER
+    python -m hybridseg.tools.deploy.synapse_app -i DICOM_FOLDER -m model.ts -o OUTPUT_FOLDER
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ from pathlib import Path
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Image, IOType
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
-from monai.deploy.operators.dicom_seg_writer_operator import (
-    DICOMSegmentationWriterOperator,
-    SegmentDescription,
-)
+from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
 from monai.deploy.operators.monai_bundle_inference_operator import BundleConfigNames, IOMapping
 from pydicom.sr.codedict import codes
 
 from hybridseg.data.synapse import get_label_mapping
-from hybridseg.deploy.operators import BundleInferenceOperator, NiftiLabelWriterOperator
+from hybridseg.tools.deploy.operators import BundleInferenceOperator, NiftiLabelWriterOperator
 
 # Any CT series; the first one found is segmented (as in the spleen example).
 CT_SELECTION = json.dumps({"selections": [{"name": "CT series", "conditions": {"Modality": "(?i)CT"}}]})
@@ -73,13 +70,11 @@ class SynapseSegApp(Application):
         input_path = Path(app_context.input_path)
         output_path = Path(app_context.output_path)
         model_path = Path(app_context.model_path)
-        logging.getLogger("hybridseg.deploy").info(
+        logging.getLogger("hybridseg.tools.deploy").info(
             "input %s, model %s, output %s", input_path, model_path, output_path
         )
 
-        loader = DICOMDataLoaderOperator(
-            self, CountCondition(self, 1), input_folder=input_path, name="dcm_loader"
-        )
+        loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_path, name="dcm_loader")
         selector = DICOMSeriesSelectorOperator(self, rules=CT_SELECTION, name="series_selector")
         to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
         inference = BundleInferenceOperator(
@@ -93,17 +88,9 @@ class SynapseSegApp(Application):
             name="braunetpp_inference",
         )
         seg_writer = DICOMSegmentationWriterOperator(
-            self,
-            segment_descriptions=segment_descriptions(),
-            output_folder=output_path,
-            name="dicom_seg_writer",
+            self, segment_descriptions=segment_descriptions(), output_folder=output_path, name="dicom_seg_writer"
         )
-        nifti_writer = NiftiLabelWriterOperator(
-            self,
-            output_folder=output_path,
-            labels=LABELS,
-            name="nifti_writer",
-        )
+        nifti_writer = NiftiLabelWriterOperator(self, output_folder=output_path, labels=LABELS, name="nifti_writer")
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, to_volume, {("study_selected_series_list", "study_selected_series_list")})
         self.add_flow(to_volume, inference, {("image", "image")})

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from hybridseg.data.synapse import LABEL_SCHEMES, write_nifti
-from hybridseg.data.synth_busi import prepare_output_dir
+from hybridseg.tools.synth_busi import prepare_output_dir
 
 # BTCV's 30 labelled training cases: 0001-0010 and 0021-0040.
 BTCV_CASE_IDS = tuple(range(1, 11)) + tuple(range(21, 41))
@@ -101,9 +101,7 @@ def _ellipsoid(shape, centre: np.ndarray, radii: np.ndarray, rng: np.random.Gene
         boundary = boundary + wobble * rng.uniform(-1, 1) * np.cos(order * theta + rng.uniform(0, 2 * np.pi))
     boundary = boundary + wobble * rng.uniform(-1, 1) * w
     mask = (u**2 + v**2 + w**2) <= boundary**2
-    nearest = tuple(
-        int(np.clip(np.rint(c), s.start, s.stop - 1)) - s.start for c, s in zip(centre, box, strict=True)
-    )
+    nearest = tuple(int(np.clip(np.rint(c), s.start, s.stop - 1)) - s.start for c, s in zip(centre, box, strict=True))
     mask[nearest] = True  # small structures on coarse grids keep at least their centre voxel
     return box, mask
 
@@ -126,8 +124,7 @@ def _capsule(shape, points: Sequence[np.ndarray], radii: np.ndarray):
         best = dist2 if best is None else np.minimum(best, dist2)
     mask = best <= 1.0
     nearest = tuple(
-        int(np.clip(np.rint(c), s.start, s.stop - 1)) - s.start
-        for c, s in zip(pts[len(pts) // 2], box, strict=True)
+        int(np.clip(np.rint(c), s.start, s.stop - 1)) - s.start for c, s in zip(pts[len(pts) // 2], box, strict=True)
     )
     mask[nearest] = True
     return box, mask
@@ -172,44 +169,26 @@ def make_ct_case(
         label[box][m] = 0
 
     # Spine, spinal canal, posterior elements, paraspinal and psoas muscles, ribs.
-    paint_tissue(
-        _capsule(shape, [g.vox(0, 0.62, -0.1), g.vox(0, 0.62, 1.1)], g.radii(0.15, 0.1, 0.02)), HU_MUSCLE
-    )
+    paint_tissue(_capsule(shape, [g.vox(0, 0.62, -0.1), g.vox(0, 0.62, 1.1)], g.radii(0.15, 0.1, 0.02)), HU_MUSCLE)
     for side in (-1, 1):
         paint_tissue(
-            _capsule(
-                shape,
-                [g.vox(side * 0.15, 0.55, -0.1), g.vox(side * 0.15, 0.55, 1.1)],
-                g.radii(0.09, 0.08, 0.02),
-            ),
+            _capsule(shape, [g.vox(side * 0.15, 0.55, -0.1), g.vox(side * 0.15, 0.55, 1.1)], g.radii(0.09, 0.08, 0.02)),
             HU_MUSCLE,
         )
         paint_tissue(
             _capsule(
-                shape,
-                [g.vox(side * 0.12, 0.36, -0.1), g.vox(side * 0.11, 0.36, 0.45)],
-                g.radii(0.06, 0.06, 0.02),
+                shape, [g.vox(side * 0.12, 0.36, -0.1), g.vox(side * 0.11, 0.36, 0.45)], g.radii(0.06, 0.06, 0.02)
             ),
             HU_MUSCLE,
         )
-    paint_tissue(
-        _capsule(shape, [g.vox(0, 0.42, -0.1), g.vox(0, 0.42, 1.1)], g.radii(0.1, 0.085, 0.02)), HU_CORTEX
-    )
-    paint_tissue(
-        _capsule(shape, [g.vox(0, 0.42, -0.1), g.vox(0, 0.42, 1.1)], g.radii(0.08, 0.065, 0.02)), HU_BONE
-    )
-    paint_tissue(
-        _capsule(shape, [g.vox(0, 0.56, -0.1), g.vox(0, 0.56, 1.1)], g.radii(0.035, 0.035, 0.02)), HU_CSF
-    )
-    paint_tissue(
-        _capsule(shape, [g.vox(0, 0.63, -0.1), g.vox(0, 0.63, 1.1)], g.radii(0.02, 0.05, 0.02)), HU_CORTEX
-    )
+    paint_tissue(_capsule(shape, [g.vox(0, 0.42, -0.1), g.vox(0, 0.42, 1.1)], g.radii(0.1, 0.085, 0.02)), HU_CORTEX)
+    paint_tissue(_capsule(shape, [g.vox(0, 0.42, -0.1), g.vox(0, 0.42, 1.1)], g.radii(0.08, 0.065, 0.02)), HU_BONE)
+    paint_tissue(_capsule(shape, [g.vox(0, 0.56, -0.1), g.vox(0, 0.56, 1.1)], g.radii(0.035, 0.035, 0.02)), HU_CSF)
+    paint_tissue(_capsule(shape, [g.vox(0, 0.63, -0.1), g.vox(0, 0.63, 1.1)], g.radii(0.02, 0.05, 0.02)), HU_CORTEX)
     rib_rho = 1.0 - fat_depth - 0.03
     for angle in np.deg2rad([-150, -120, -60, -30, 0, 30, 60, 120, 150, 180]):  # none at the midline
         ca, cp = np.cos(angle) * rib_rho * 0.86, 0.02 + np.sin(angle) * rib_rho * 0.66
-        paint_tissue(
-            _capsule(shape, [g.vox(ca, cp, 0.5), g.vox(ca, cp, 1.1)], g.radii(0.025, 0.025, 0.02)), HU_CORTEX
-        )
+        paint_tissue(_capsule(shape, [g.vox(ca, cp, 0.5), g.vox(ca, cp, 1.1)], g.radii(0.025, 0.025, 0.02)), HU_CORTEX)
 
     def organ(label_id: int, shape_mask) -> None:
         if shape_mask is None:
@@ -222,15 +201,11 @@ def make_ct_case(
     def ell(label_id: int, a0, p0, s0, ra0, rp0, rs0, wobble=0.06) -> None:
         scale = rng.uniform(0.88, 1.12)
         centre = g.vox(a0 + jit(), p0 + jit(), s0 + jit(0.04))
-        organ(
-            label_id, _ellipsoid(shape, centre, g.radii(ra0 * scale, rp0 * scale, rs0 * scale), rng, wobble)
-        )
+        organ(label_id, _ellipsoid(shape, centre, g.radii(ra0 * scale, rp0 * scale, rs0 * scale), rng, wobble))
 
     def tube(label_id: int, pts, r) -> None:
         da, dp = jit(0.02), jit(0.02)
-        organ(
-            label_id, _capsule(shape, [g.vox(a0 + da, p0 + dp, s0) for a0, p0, s0 in pts], g.radii(r, r, r))
-        )
+        organ(label_id, _capsule(shape, [g.vox(a0 + da, p0 + dp, s0) for a0, p0, s0 in pts], g.radii(r, r, r)))
 
     # Organs, drawn so that later (smaller, embedded) structures win where shapes overlap.
     ell(6, -0.4, -0.02, 0.74, 0.42, 0.5, 0.3, wobble=0.05)  # liver, right lobe
@@ -260,11 +235,7 @@ def make_ct_case(
 
 
 def synth_synapse(
-    out: str,
-    n: int = 4,
-    shape: Sequence[int] = (64, 64, 24),
-    seed: int = 0,
-    overwrite: bool = False,
+    out: str, n: int = 4, shape: Sequence[int] = (64, 64, 24), seed: int = 0, overwrite: bool = False
 ) -> str:
     """Write ``n`` synthetic CT volumes with BTCV's 13 labels under ``out/img`` and ``out/label``.
 

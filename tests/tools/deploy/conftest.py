@@ -40,9 +40,7 @@ def deploy_python() -> Path:
 def _raise_stack() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
     want = APP_STACK_BYTES if hard == resource.RLIM_INFINITY else min(APP_STACK_BYTES, hard)
-    resource.setrlimit(
-        resource.RLIMIT_STACK, (max(soft, want) if soft != resource.RLIM_INFINITY else soft, hard)
-    )
+    resource.setrlimit(resource.RLIMIT_STACK, (max(soft, want) if soft != resource.RLIM_INFINITY else soft, hard))
 
 
 def run_app(module: str, input_path: Path, model: Path, output: Path, timeout: int = 300):
@@ -59,15 +57,11 @@ def run_app(module: str, input_path: Path, model: Path, output: Path, timeout: i
         env=env,
         preexec_fn=_raise_stack,
     )
-    assert proc.returncode == 0, (
-        f"{module} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    )
+    assert proc.returncode == 0, f"{module} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
-def export_tiny_bundle(
-    bundle: str, work: Path, overrides: dict, input_shape: list[int], seed: int = 0
-) -> dict:
+def export_tiny_bundle(bundle: str, work: Path, overrides: dict, input_shape: list[int], seed: int = 0) -> dict:
     """A randomly initialised network of ``bundle`` with CPU-sized ``overrides``, exported as the zoo does.
 
     Writes ``work/configs/inference.json`` (the bundle's inference.json with ``overrides`` applied: the
@@ -95,30 +89,19 @@ def export_tiny_bundle(
         "--config_file", str(config_file), "--use_trace", "True", "--input_shape", json.dumps(input_shape),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
-    assert proc.returncode == 0 and ts.is_file(), (
-        f"ckpt_export failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
+    assert proc.returncode == 0 and ts.is_file(), f"ckpt_export failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return {"config": config_file, "ckpt": ckpt, "ts": ts, "meta": src / "metadata.json"}
 
 
 def _patient_study(ds, study_uid: str, modality: str) -> None:
     """The patient / study / equipment attributes highdicom copies into a derived DICOM SEG."""
     now = datetime.datetime(2026, 1, 1, 12, 0, 0)
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
-        "Synthetic^Case",
-        "SYN0001",
-        "19700101",
-        "O",
-    )
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = ("Synthetic^Case", "SYN0001", "19700101", "O")
     ds.StudyInstanceUID, ds.StudyID, ds.AccessionNumber = study_uid, "1", "A0001"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
     ds.ReferringPhysicianName, ds.Manufacturer = "", "hybridseg synthetic"
-    ds.Modality, ds.StudyDescription, ds.SeriesDescription = (
-        modality,
-        "synthetic study",
-        f"synthetic {modality}",
-    )
+    ds.Modality, ds.StudyDescription, ds.SeriesDescription = (modality, "synthetic study", f"synthetic {modality}")
 
 
 def _file_dataset(path: Path, sop_class: str):

@@ -28,7 +28,7 @@ from typing import Any
 
 from hybridseg.io import InputDataError, atomic_path, atomic_write_text
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # hybridseg/, one above tools/
 BOOTSTRAP_IMPORT = "$import scripts"
 # What the bootstrap module says and does; written into every packaged bundle as scripts/__init__.py.
 BOOTSTRAP = '''"""Puts this folder on sys.path so that the bundle's configs find the vendored hybridseg.
@@ -122,8 +122,9 @@ def large_files_yml(entries: Sequence[dict[str, str]]) -> str:
         return "\n".join([*lines, "large_files: []", ""])
     lines.append("large_files:")
     for e in entries:
-        lines += [f'  - path: "{e["path"]}"', f'    url: "{e["url"]}"']
-        lines += [f'    hash_val: "{e["hash_val"]}"', f'    hash_type: "{e["hash_type"]}"']
+        # YAML double-quoted scalars; json.dumps escapes the same characters YAML needs escaped
+        lines += [f"  - path: {json.dumps(e['path'])}", f"    url: {json.dumps(e['url'])}"]
+        lines += [f"    hash_val: {json.dumps(e['hash_val'])}", f"    hash_type: {json.dumps(e['hash_type'])}"]
     return "\n".join([*lines, ""])
 
 
@@ -133,7 +134,8 @@ def _vendor(staging: Path) -> None:
     shutil.copytree(
         PACKAGE_DIR,
         scripts / "hybridseg",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*"),
+        # the runtime only: the configs never import the tools (cli, export, deploy, ...), so they stay behind
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*", "tools", "__main__.py"),
     )
     (scripts / "__init__.py").write_text(BOOTSTRAP, encoding="utf-8")
 
@@ -168,7 +170,7 @@ def package(
     files will be published under. Config overrides for the export follow as ``--key value``. Outputs are
     replaced atomically; nothing is written inside ``BUNDLE``.
     """
-    from hybridseg.export import build_network, compare_torchscript, export_torchscript
+    from hybridseg.tools.export import build_network, compare_torchscript, export_torchscript
 
     src, out_dir = Path(bundle).resolve(), Path(out).resolve()
     if ckpt is not None and not Path(ckpt).is_file():
@@ -235,7 +237,7 @@ def package(
 
 
 def _shape(bundle: Path, overrides: dict) -> list[int]:
-    from hybridseg.export import example_input_shape
+    from hybridseg.tools.export import example_input_shape
 
     return example_input_shape(bundle, **overrides)
 

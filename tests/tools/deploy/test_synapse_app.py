@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.bundles.conftest import infer
-from tests.deploy.conftest import deploy_python, export_tiny_bundle, run_app, write_ct_series
+from tests.tools.deploy.conftest import deploy_python, export_tiny_bundle, run_app, write_ct_series
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ ORGANS = ["aorta", "gallbladder", "left kidney", "right kidney", "liver", "pancr
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One generated CT series, one tiny exported network; the app's and the bundle's outputs."""
-    from hybridseg.data.synth_synapse import make_ct_case
+    from hybridseg.tools.synth_synapse import make_ct_case
 
     deploy_python()
     work = tmp_path_factory.mktemp("synapse_deploy")
@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     exported = export_tiny_bundle("braunetpp_synapse", work / "bundle", TINY, [1, 1, 64, 64])
     app_out = work / "app_out"
     app_out.mkdir()
-    run_app("hybridseg.deploy.synapse_app", work / "dicom", exported["ts"], app_out)
+    run_app("hybridseg.tools.deploy.synapse_app", work / "dicom", exported["ts"], app_out)
     bundle_out = work / "bundle_out"
     infer("braunetpp_synapse", work / "dicom", bundle_out, exported["ckpt"], **TINY)
     return {"hu": hu, "spacing": spacing, "series": series_uid, "app": app_out, "bundle": bundle_out}

@@ -9,8 +9,9 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from hybridseg.data.transunet import convert_transunet
+
 from hybridseg.io import InputDataError
+from hybridseg.tools.transunet import convert_transunet
 
 TRAIN = {"0005": 3, "0006": 4, "0007": 2}  # case -> number of slices
 TEST = {"0001": 3, "0002": 5}
@@ -179,11 +180,7 @@ def test_label_of_another_shape_is_an_error(release: Path, tmp_path: Path):
         image=np.zeros((H, W), np.float32),
         label=np.zeros((H, W + 1), np.float32),
     )
-    _fails(
-        release,
-        tmp_path,
-        r"case0006_slice001\.npz: label shape \(32, 25\) differs from image shape \(32, 24\)",
-    )
+    _fails(release, tmp_path, r"case0006_slice001\.npz: label shape \(32, 25\) differs from image shape \(32, 24\)")
 
 
 def test_slices_of_different_sizes_are_an_error(release: Path, tmp_path: Path):
