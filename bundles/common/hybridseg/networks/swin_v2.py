@@ -149,13 +149,17 @@ def _cached_window_layout(device: str, h: int, w: int, window: int, shift: int) 
 class QKVLinear(nn.Linear):
     """The joint q/k/v projection (B, N, C) -> (B, N, 3C) with the k third of the bias held at zero."""
 
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias used in the forward pass (3C,): the stored one with its k third replaced by zeros."""
+        b = self.bias
+        if b is None:
+            return None
+        c = self.out_features // 3
+        return torch.cat([b[:c], torch.zeros_like(b[c : 2 * c]), b[2 * c :]])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Swin-V2 has no key bias: the stored k-bias entries (torchvision keeps them) are ignored."""
-        c = self.out_features // 3
-        b = self.bias
-        if b is not None:
-            b = torch.cat([b[:c], torch.zeros_like(b[c : 2 * c]), b[2 * c :]])
-        return F.linear(x, self.weight, b)
+        return F.linear(x, self.weight, self.effective_bias())
 
 
 class ShiftedWindowAttentionV2(nn.Module):
@@ -199,13 +203,15 @@ class ShiftedWindowAttentionV2(nn.Module):
         n = self.window * self.window
         hd = c // self.num_heads
         layout = self.layout(h, w, x.device)
-        # One gather does torchvision's pad + roll + window partition: (B, nW*N, C) -> (B*nW, N, C).
-        tokens = x.reshape(b, h * w, c)
+        # q/k/v of the real tokens only: torchvision projects the zero padding too, and a zero token's
+        # projection is just the bias, so one bias row stands in for every padded slot.
+        qkv = self.qkv(x.reshape(b, h * w, c))  # (B, HW, 3C)
         if layout.padded:
-            tokens = torch.cat([tokens, tokens.new_zeros(b, 1, c)], dim=1)  # the zero token padding uses
-        xw = tokens.index_select(1, layout.gather).view(-1, n, c)
-
-        qkv = self.qkv(xw).view(-1, n, 3, self.num_heads, hd)
+            pad = self.qkv.effective_bias()
+            pad = torch.zeros(3 * c, dtype=qkv.dtype, device=qkv.device) if pad is None else pad.to(qkv.dtype)
+            qkv = torch.cat([qkv, pad.expand(b, 1, 3 * c)], dim=1)
+        # One gather does torchvision's pad + roll + window partition: (B, HW(+1), 3C) -> (B*nW, N, 3C).
+        qkv = qkv.index_select(1, layout.gather).view(-1, n, 3, self.num_heads, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         # Cosine attention with the scale folded into q; casts keep q/k/v one dtype under autocast.
@@ -215,9 +221,10 @@ class ShiftedWindowAttentionV2(nn.Module):
         if layout.shift_mask is not None:
             mask = (mask + layout.shift_mask).repeat(b, 1, 1, 1)  # windows vary fastest within B*nW
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=1.0)
-        out = self.proj(out.transpose(1, 2).reshape(-1, n, c))
-        # One gather undoes the partition and the roll and drops the padding.
-        return out.view(b, -1, c).index_select(1, layout.scatter).view(b, h, w, c)
+        # One gather undoes the partition and the roll and drops the padding; the output projection
+        # then runs on the real tokens only (torchvision projects the padded slots and drops them after).
+        out = out.transpose(1, 2).reshape(b, -1, c).index_select(1, layout.scatter)
+        return self.proj(out).view(b, h, w, c)
 
 
 class StochasticDepth(nn.Module):
