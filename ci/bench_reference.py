@@ -214,10 +214,10 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
     cpu: dict[str, list[float]] = {"forward_b1": [], "train_b2": []}
     for _ in range(reps):  # interleaved, so a burst of load hits both measurements alike
         for name, fn in (("forward_b1", forward), ("train_b2", train_step)):
-            t, c = time.perf_counter(), time.process_time()
+            wall0, cpu0 = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c)
+            times[name].append(time.perf_counter() - wall0)
+            cpu[name].append(time.process_time() - cpu0)
     params = sum(p.numel() for p in model.parameters())
     return {
         "side": side,
