@@ -234,6 +234,62 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
     }
 
 
+def same_process(network: str, folder: str, reps: int, threads: int) -> dict:
+    """Both networks in one process (the reference's environment), their calls taking turns.
+
+    Under heavy load this pairs the two far more tightly than separate processes (each call of ours has
+    a call of the reference right next to it). Returns per-call ratios ours / reference, wall and CPU.
+    """
+    import torch
+
+    sys.path.insert(0, str(REPO / "bundles" / "common"))  # our networks need torch alone
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    models = {"ours": build_ours(network), "reference": build_reference(network, Path(folder))}
+    setup = SETUP[network]
+    c, k = setup["in_channels"], setup["classes"]
+    x1, x2 = torch.randn(1, c, SIZE, SIZE), torch.randn(2, c, SIZE, SIZE)
+    y = (torch.rand(2, 1, SIZE, SIZE) > 0.5).float() if k == 1 else torch.randint(0, k, (2, SIZE, SIZE))
+    opts = {side: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for side, m in models.items()}
+
+    def call(side: str, what: str) -> None:
+        model = models[side]
+        if what == "forward_b1":
+            model.eval()
+            with torch.no_grad():
+                model(x1)
+            return
+        model.train()
+        opts[side].zero_grad(set_to_none=True)
+        dice_ce(model(x2), y, k, setup["w_ce"]).backward()
+        opts[side].step()
+
+    result: dict[str, dict] = {}
+    for what in ("forward_b1", "train_b2"):
+        for side in models:  # warm-up
+            call(side, what)
+        clocks: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": []} for s in models}
+        for r in range(reps):
+            for side in ("ours", "reference") if r % 2 == 0 else ("reference", "ours"):
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+                call(side, what)
+                clocks[side]["wall"].append(1000 * (time.perf_counter() - wall0))
+                clocks[side]["cpu"].append(1000 * (time.process_time() - cpu0))
+        for clock in ("wall", "cpu"):
+            ours, ref = clocks["ours"][clock], clocks["reference"][clock]
+            ratios = [o / f for o, f in zip(ours, ref, strict=True)]
+            result[f"{what}_{clock}"] = {
+                "ours_ms": statistics.median(ours),
+                "reference_ms": statistics.median(ref),
+                "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "ours_all_ms": ours,
+                "reference_all_ms": ref,
+            }
+    return {"network": network, "threads": torch.get_num_threads(), "summary": result}
+
+
 # --- the parent: alternate processes, collect, print ---------------------------------------------------
 
 
@@ -260,6 +316,9 @@ def load_average() -> list[float] | None:
 
 def compare(network: str, folder: Path, args: argparse.Namespace) -> dict:
     """``--rounds`` alternating ours/reference process pairs for one network; per-round ratios."""
+    if args.same_process:
+        res = run_child(args.reference_python, "both", network, folder, args, seed=0)
+        return {"network": network, "reference_folder": str(folder), "same_process": True, **res}
     rounds = []
     for r in range(args.rounds):
         order = ("ours", "reference") if r % 2 == 0 else ("reference", "ours")
@@ -297,11 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="timed forward passes and training steps per process")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write every figure as JSON here")
-    p.add_argument("--child", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run both networks in one process of --reference-python, calls taking turns (tighter pairs on a "
+        "loaded machine; ours is imported from this checkout's bundles/common)",
+    )
+    p.add_argument("--child", choices=("ours", "reference", "both"), help=argparse.SUPPRESS)
     p.add_argument("--network", choices=NETWORKS, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child == "both":
+        print(json.dumps(same_process(args.network, args.folder, args.reps, args.threads)))
+        return 0
     if args.child:
         print(json.dumps(child(args.child, args.network, args.folder, args.reps, args.threads, args.seed)))
         return 0
@@ -316,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if not targets:
         print("no reference checkout to compare against: pass --braunetpp and/or --cfformer (see --help)")
         return 2
-    print(f"threads {args.threads}, fp32, {SIZE}x{SIZE}, {args.rounds} rounds x {args.reps} reps; "
+    mode = "one process, calls taking turns" if args.same_process else f"{args.rounds} process pairs"
+    print(f"threads {args.threads}, fp32, {SIZE}x{SIZE}, {mode}, {args.reps} reps; "
           f"reference python {args.reference_python}; load average {load_average()}", flush=True)  # fmt: skip
     results = {"load_average_before": load_average(), "threads": args.threads, "networks": []}
     for network, folder in targets:
