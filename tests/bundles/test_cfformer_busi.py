@@ -129,8 +129,9 @@ def test_one_training_epoch_lowers_the_loss(busi_dir, tmp_path):
     def mean_loss() -> float:
         # BatchNorm on batch statistics, the rest in eval mode (no stochastic depth). After one epoch of
         # 7 iterations the running averages still hold mostly their initial (0, 1), so a plain eval-mode
-        # loss measures those rather than what was learnt: it then rises or falls by chance, in fp32 as
-        # in bf16 (seed 0: 16 -> 109 in fp32, 16 -> 130 in bf16, while this loss falls 2.6 -> 0.8 in both).
+        # loss measures those rather than what was learnt: it rises or falls with the random draws, in
+        # fp32 as in bf16 (measured 16 -> 46 and 16 -> 111 in fp32, 16 -> 68 and 16 -> 130 in bf16, while
+        # this loss fell 2.61 -> 0.77 in fp32 and 2.61 -> 0.83 in bf16 in the same runs).
         net.eval()
         for m in net.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
