@@ -1,6 +1,7 @@
 """``python -m hybridseg package bundles/<name> --out DIR``: a self-contained Model Zoo bundle (folder, zip).
 
-The packaged bundle carries this package in ``scripts/hybridseg``. Its configs start their ``imports`` with
+The packaged bundle carries this package's runtime (not ``tools/``) in ``scripts/hybridseg``, its imports
+sorted as the zoo's isort sorts them (see ``_sort_imports_as_the_zoo``). Its configs start their ``imports`` with
 ``$import scripts``, whose ``__init__`` puts ``scripts/`` on ``sys.path`` before ``$import hybridseg`` runs:
 MONAI adds the bundle root to ``sys.path`` only when a workflow runs, after the imports were evaluated, so
 without this the bundle's own code could not be found. ``python -m`` puts the working directory on
@@ -16,10 +17,14 @@ written to ``DIR/<name>_large_files/`` for upload to ``weights_url``.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -138,10 +143,83 @@ def _vendor(staging: Path) -> None:
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*", "tools", "__main__.py"),
     )
     (scripts / "__init__.py").write_text(BOOTSTRAP, encoding="utf-8")
+    _sort_imports_as_the_zoo(scripts)
+
+
+def _sort_imports_as_the_zoo(scripts: Path) -> None:
+    """Sort the vendored imports with the zoo's isort settings (black profile, line 120, first party ``models``).
+
+    Inside the zoo ``hybridseg`` is a third-party name, so its imports join the third-party block instead
+    of the first-party block they have in this repository; nothing else changes (black and flake8 pass on
+    the copy as it is).
+    """
+    import isort
+
+    zoo = isort.Config(profile="black", line_length=120, known_first_party=["models"], quiet=True)
+    for f in sorted(scripts.rglob("*.py")):
+        isort.file(f, config=zoo)
+
+
+# Third-party packages declared by their own metadata fields (monai_version, pytorch_version, numpy_version).
+VERSION_FIELD_PACKAGES = ("monai", "torch", "numpy")
+
+
+def imported_modules(paths: Sequence[Path]) -> set[str]:
+    """Top-level names of the modules the Python files at ``paths`` (files or folders) import, anywhere in
+    the code (also inside functions), without the standard library, relative imports and hybridseg."""
+    names: set[str] = set()
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.py")))]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"), filename=str(f))):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("__future__", "hybridseg")}
+
+
+def distribution_names(modules: set[str]) -> dict[str, str]:
+    """Module name -> the (normalised) name of the installed distribution that provides it (PIL -> pillow)."""
+    provided = importlib.metadata.packages_distributions()
+    out = {}
+    for m in sorted(modules):
+        if m not in provided:
+            raise InputDataError(None, f"module {m!r} imported by hybridseg is not provided by any installed package")
+        out[m] = _normalise(provided[m][0])
+    return out
+
+
+def _normalise(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def runtime_requirements(runtime: Path) -> set[str]:
+    """Distributions the vendored runtime at ``runtime`` imports, besides monai, torch and numpy."""
+    return set(distribution_names(imported_modules([runtime]) - set(VERSION_FIELD_PACKAGES)).values())
+
+
+def tool_only_requirements() -> set[str]:
+    """Distributions only the repository's tools import (fire, h5py, onnx...): not needed by a packaged bundle."""
+    tools = [PACKAGE_DIR / "tools", PACKAGE_DIR / "__main__.py"]
+    runtime = [p for p in PACKAGE_DIR.iterdir() if p.name not in ("tools", "__main__.py") and p.suffix in ("", ".py")]
+    only = imported_modules(tools) - imported_modules(runtime) - set(VERSION_FIELD_PACKAGES)
+    return set(distribution_names(only).values())
+
+
+def _declare_requirements(meta_file: Path, meta: dict, runtime: Path) -> None:
+    """``required_packages_version`` of a packaged bundle: what its vendored code imports, as the source
+    bundle pins it; ``hybridseg`` (it travels inside) and the tools' own packages are dropped."""
+    declared = meta.setdefault("required_packages_version", {})
+    missing = sorted(runtime_requirements(runtime) - {_normalise(k) for k in declared})
+    if missing:
+        raise InputDataError(meta_file, f"required_packages_version lacks {missing}, which the vendored code imports")
+    dropped = tool_only_requirements() | {"hybridseg"}
+    for key in [k for k in declared if _normalise(k) in dropped]:
+        declared.pop(key)
 
 
 def _adapt_configs(staging: Path) -> None:
-    """Bootstrap import first in every config that imports hybridseg; hybridseg no longer a requirement."""
+    """Bootstrap import first in every config that imports hybridseg; requirements of the vendored code only."""
     for f in sorted((staging / "configs").glob("*.json")):
         cfg = json.loads(f.read_text(encoding="utf-8"))
         imports = cfg.get("imports") if isinstance(cfg, dict) else None
@@ -150,7 +228,7 @@ def _adapt_configs(staging: Path) -> None:
                 cfg["imports"] = [BOOTSTRAP_IMPORT, *imports]
         if f.name == "metadata.json":
             # The code travels inside the bundle; hybridseg is not a package anyone could install.
-            cfg.get("required_packages_version", {}).pop("hybridseg", None)
+            _declare_requirements(f, cfg, staging / "scripts" / "hybridseg")
         f.write_text(dump_json(cfg), encoding="utf-8")
 
 
@@ -161,12 +239,14 @@ def package(
     weights_url: str = "",
     max_file_mb: float = MAX_FILE_MB,
     input_shape: Sequence[int] | None = None,
+    use_trace: bool = False,
     **overrides: Any,
 ) -> dict[str, str]:
     """Package bundle folder ``BUNDLE`` into ``OUT/<name>/`` and ``OUT/<name>_v<version>.zip``.
 
-    With ``--ckpt`` the checkpoint becomes ``models/model.pt`` and a traced ``models/model.ts`` (checked
-    against the eager network), both listed in ``large_files.yml``; ``--weights_url`` is the base URL the
+    With ``--ckpt`` the checkpoint becomes ``models/model.pt`` and a scripted ``models/model.ts`` (traced at
+    ``--input_shape`` with ``--use_trace``; checked against the eager network), both listed in
+    ``large_files.yml``; ``--weights_url`` is the base URL the
     files will be published under. Config overrides for the export follow as ``--key value``. Outputs are
     replaced atomically; nothing is written inside ``BUNDLE``.
     """
@@ -178,7 +258,7 @@ def package(
     if out_dir == src or src in out_dir.parents:
         raise InputDataError(out, "is inside the bundle being packaged; choose an output folder outside it")
     meta = check_bundle(src)
-    name, version = meta.get("name") or src.name, meta["version"]
+    name, version = src.name, meta["version"]  # the folder is the bundle id; metadata "name" is a display name
     out_dir.mkdir(parents=True, exist_ok=True)
     dest, zip_path = out_dir / name, out_dir / f"{name}_v{version}.zip"
     large_dir = out_dir / f"{name}_large_files"
@@ -198,7 +278,13 @@ def package(
             shutil.copy2(ckpt, models / "model.pt")
             net = build_network(staging, models / "model.pt", **overrides)
             ts = export_torchscript(
-                staging, models / "model.ts", models / "model.pt", input_shape, network=net, **overrides
+                staging,
+                models / "model.ts",
+                models / "model.pt",
+                input_shape,
+                use_trace=use_trace,
+                network=net,
+                **overrides,
             )
             compare_torchscript(ts, net, [input_shape] if input_shape else [_shape(staging, overrides)])
             for f in sorted(models.iterdir()):
