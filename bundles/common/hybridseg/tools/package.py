@@ -8,6 +8,9 @@ without this the bundle's own code could not be found. ``python -m`` puts the wo
 ``sys.path``, so the zoo's commands work from the unpacked folder; from elsewhere set
 ``PYTHONPATH=<bundle>/scripts``.
 
+The packaged ``docs/README.md`` is the bundle's README with its repository-only parts replaced
+(``bundle_readme``), so that every command in it runs from the bundle folder.
+
 Zoo rules checked (a violation raises InputDataError naming the file): metadata valid against the local
 schema, ``version`` present in ``changelog`` and the newest entry, JSON indented 4, ``LICENSE`` and
 ``docs/README.md`` present, no file over ``max_file_mb`` (25 MB) inside. Weights (``models/*``) are always
@@ -232,6 +235,47 @@ def _adapt_configs(staging: Path) -> None:
         f.write_text(dump_json(cfg), encoding="utf-8")
 
 
+# The bundle READMEs are written for the repository; the packaged copy drops the parts marked
+# ``<!-- repository-only -->...<!-- /repository-only -->``, shows the parts written inside a
+# ``<!-- bundle-only ... -->`` comment, and makes repository paths of the bundle relative to its folder.
+README_REPOSITORY_ONLY = re.compile(r"[ \t]*<!-- repository-only -->.*?<!-- /repository-only -->", re.S)
+README_BUNDLE_ONLY = re.compile(r"[ \t]*<!-- bundle-only\n(.*?)\n?[ \t]*-->", re.S)
+# Text that only works in the repository: its layout, its tools (not vendored), Makefile targets and docs.
+REPOSITORY_ONLY_TEXT = (
+    "bundles/",
+    "python -m hybridseg",
+    "hybridseg.tools",
+    "make demo",
+    "make test",
+    "make env",
+    "repository's tests",
+    "../../../",
+    "docs/performance.md",
+    "docs/deploy.md",
+    "docs/model_zoo.md",
+)
+
+
+def bundle_readme(text: str, name: str, source: str | os.PathLike | None = None) -> str:
+    """The README of packaged bundle ``name``, every command runnable from the bundle folder (see above).
+
+    Raises InputDataError naming ``source`` when repository-only text is left outside the markers.
+    """
+    text = README_REPOSITORY_ONLY.sub("", text)
+    text = README_BUNDLE_ONLY.sub(lambda m: m.group(1), text)
+    text = "\n".join(line.rstrip() for line in text.replace(f"bundles/{name}/", "").splitlines())
+    text = re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
+    for i, line in enumerate(text.splitlines(), start=1):
+        for bad in REPOSITORY_ONLY_TEXT:
+            if bad in line:
+                raise InputDataError(
+                    source,
+                    f"{bad!r} only works in the repository; mark it <!-- repository-only --> "
+                    f"(packaged README line {i}: {line.strip()[:100]})",
+                )
+    return text
+
+
 def package(
     bundle: str,
     out: str,
@@ -271,6 +315,8 @@ def package(
             (shutil.copytree if (src / item).is_dir() else shutil.copy2)(src / item, staging / item)
         _vendor(staging)
         _adapt_configs(staging)
+        readme = staging / "docs" / "README.md"
+        readme.write_text(bundle_readme(readme.read_text(encoding="utf-8"), name, src / "docs" / "README.md"))
         entries = []
         if ckpt is not None:
             models = staging / "models"
