@@ -194,7 +194,7 @@ class ShiftedWindowAttentionV2(nn.Module):
         return (16 * torch.sigmoid(bias)).unsqueeze(0)
 
     def layout(self, h: int, w: int, device: torch.device) -> WindowLayout:
-        """Window layout of an (h, w) map: cached per (device, size) in eager mode, rebuilt when tracing."""
+        """Window layout of an (h, w) map: cached per (device, size) in eager mode, built per call in graphs."""
         if torch.jit.is_scripting():
             return window_layout(h, w, self.window, self.shift, device)  # a scripted module sees real sizes
         if torch.jit.is_tracing():
