@@ -46,6 +46,7 @@ def test_scripted_cfformer_equals_eager_at_sizes_with_different_swin_padding(tmp
     assert_same_outputs(model, scripted, [(1, 3, 128, 128), (2, 3, 96, 64)])
 
 
+@pytest.mark.slow  # ~9 s to script, save, load and run at four sizes on this loaded machine
 def test_scripted_braunetpp_decides_routing_padding_per_input(tmp_path):
     torch.manual_seed(0)
     model = BRAUNetPP(**TINY_BRAUNETPP).eval()
