@@ -1,6 +1,6 @@
-"""Checkpoint handlers: atomic saves that survive a crash mid-save, the stop on a non-finite loss, and
-loading that accepts only state dicts (MONAI SupervisedTrainer on a one-layer network, so each test is
-well under a second apart from the one that kills a child process)."""
+"""Training persistence (hybridseg.checkpointing): atomic saves that survive a crash mid-save, the stop on a
+non-finite loss, and loading that accepts only state dicts (MONAI SupervisedTrainer on a one-layer network,
+so each test is well under a second apart from the one that kills a child process)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from hybridseg.handlers import (
+from hybridseg.checkpointing import (
     AtomicCheckpointSaver,
     NonFiniteLossError,
     StopOnNonFiniteLoss,
@@ -97,7 +97,7 @@ def test_a_failing_write_during_save_keeps_the_previous_checkpoint(tmp_path, mon
 
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
-from hybridseg.handlers import AtomicCheckpointSaver
+from hybridseg.checkpointing import AtomicCheckpointSaver
 net = torch.nn.Linear(4, 4)
 saver = AtomicCheckpointSaver(sys.argv[1], {"model": net}, filename="model.pt")
 real_save = torch.save
