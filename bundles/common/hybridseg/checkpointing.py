@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from hybridseg.io import InputDataError
+
 logger = logging.getLogger(__name__)
 
 
@@ -187,17 +189,19 @@ class StopOnNonFiniteLoss:
 
 
 class StateDictCheckpointLoader:
-    """MONAI's CheckpointLoader (``torch.load(weights_only=True)``) preceded by
-    :func:`hybridseg.io.load_state_checkpoint`'s checks, so a missing, truncated, pickled-object or
-    wrong-kind checkpoint is refused with an error naming the file and the problem. Logs where it resumes."""
+    """Load a checkpoint of state dicts into ``load_dict``'s objects when the engine starts, as MONAI's
+    CheckpointLoader does (strict, keeping the engine's ``max_epochs``), but reading the file once through
+    :func:`hybridseg.weights.load_state_checkpoint` (``weights_only=True``): a missing, truncated,
+    pickled-object or wrong-kind checkpoint is refused with an error naming the file. MONAI's loader would
+    read a 1 GB training state a second time after that check. Logs where it resumes."""
 
-    def __init__(self, load_path: str | os.PathLike, load_dict: Mapping[str, Any], **kwargs: Any) -> None:
-        from monai.handlers import CheckpointLoader
-
+    def __init__(
+        self, load_path: str | os.PathLike, load_dict: Mapping[str, Any], map_location: Any = None, strict: bool = True
+    ) -> None:
         self.load_path = str(load_path)
         self.load_dict = dict(load_dict)
-        self.map_location = kwargs.get("map_location")
-        self._loader = CheckpointLoader(load_path=self.load_path, load_dict=self.load_dict, **kwargs)
+        self.map_location = map_location
+        self.strict = strict
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -205,14 +209,26 @@ class StateDictCheckpointLoader:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Any) -> None:
-        from hybridseg.io import load_state_checkpoint
+        from ignite.handlers import Checkpoint
 
-        load_state_checkpoint(self.load_path, list(self.load_dict), map_location="cpu")
-        self._loader(engine)
+        from hybridseg.weights import load_state_checkpoint
+
+        checkpoint = load_state_checkpoint(self.load_path, list(self.load_dict), map_location=self.map_location)
+        prior_max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=dict(checkpoint), strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise InputDataError(
+                self.load_path,
+                f"was saved at epoch {engine.state.epoch}, past this run's max_epochs {prior_max_epochs}; "
+                "raise max_epochs to train on",
+            )
+        engine.state.max_epochs = prior_max_epochs  # the run's own planned length, not the checkpoint's
         if "trainer" in self.load_dict:
             logger.info(
                 "resumed from %s at epoch %d, iteration %d", self.load_path, engine.state.epoch, engine.state.iteration
             )
+        else:
+            logger.info("loaded %s from %s", ", ".join(self.load_dict), self.load_path)
 
 
 def attach_resume(
