@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import torch
@@ -19,6 +23,13 @@ logger = logging.getLogger(__name__)
 def _is_rank0() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _signals_usable() -> bool:
+    """Signal handlers can be set (main thread) and stopping is a local decision (not under DDP)."""
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return threading.current_thread() is threading.main_thread() and not distributed
 
 
 def _unwrap(obj: Any) -> Any:
@@ -69,9 +80,14 @@ class AtomicCheckpointSaver:
     ``DiskSaver(atomic=True)``: the state goes to a temporary file in ``save_dir`` that is renamed onto
     ``filename`` only once complete, so a crash or kill while saving leaves the previous checkpoint intact.
 
-    Training mode (``key_metric=None``): saves every ``every_n_iterations`` iterations (0: off), at every
-    epoch end and when training completes. Never on an exception, nor when the last loss is not finite, so
-    the file on disk is always the last good state.
+    Training mode (``key_metric=None``): saves every ``every_n_iterations`` iterations and every
+    ``every_secs`` seconds of training (0: off for either), when training completes, and when it is
+    interrupted by SIGINT (Ctrl-C) or SIGTERM (a job scheduler): the current iteration finishes, the state is
+    saved, then the run ends with KeyboardInterrupt / exit status 143 (single process; under DDP a rank
+    cannot stop alone without stalling the others, so there only the interval saves apply). Not after every
+    epoch: short epochs would spend their time writing a large state. A save that falls on an epoch's last
+    iteration waits for the epoch end, so the state includes that epoch's validation (best-model score).
+    Never on an exception, nor when the last loss is not finite: the file on disk is the last good state.
     Best-model mode (``key_metric="val_mean_dice"``, attach to the evaluator): saves when that metric beats
     the best so far; the best value is part of :meth:`state_dict` so a resumed run keeps comparing with it.
     Only rank 0 writes under DDP.
@@ -84,18 +100,26 @@ class AtomicCheckpointSaver:
         filename: str = "checkpoint_last.pt",
         every_n_iterations: int = 0,
         key_metric: str | None = None,
+        every_secs: float = 0,
+        save_on_signal: bool = True,
     ) -> None:
         if not save_dict:
             raise ValueError("save_dict is empty: nothing to checkpoint")
-        if every_n_iterations < 0:
-            raise ValueError(f"every_n_iterations must be >= 0, got {every_n_iterations}")
+        if every_n_iterations < 0 or every_secs < 0:
+            raise ValueError(f"save intervals must be >= 0, got {every_n_iterations} iterations, {every_secs} s")
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
         self.filename = filename
         self.every_n_iterations = int(every_n_iterations)
+        self.every_secs = float(every_secs)
+        self.save_on_signal = save_on_signal
         self.key_metric = key_metric
         self.best: float = -math.inf
         self._saved_at: int | None = None
+        self._last_save = monotonic()
+        self._due = False
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
         from ignite.handlers import DiskSaver
 
         # built here, not at save time: its first idist.get_rank() is a collective under DDP, which
@@ -112,21 +136,80 @@ class AtomicCheckpointSaver:
         if self.key_metric is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_metric)
             return
-        if self.every_n_iterations > 0:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch)
         engine.add_event_handler(Events.COMPLETED, self)
+        if self.save_on_signal:
+            # the signal handlers live exactly as long as the run: ignite has no event that reliably follows an
+            # exception (only the first EXCEPTION_RAISED handler runs), so the engine's own run() is wrapped
+            engine.run = functools.partial(self._run_saving_on_signal, engine, engine.run)
+
+    def _run_saving_on_signal(self, engine: Any, run: Any, *args: Any, **kwargs: Any) -> Any:
+        self._signal = None
+        if _signals_usable():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[sig] = signal.signal(sig, functools.partial(self._on_signal, engine))
+        try:
+            state = run(*args, **kwargs)
+        finally:
+            self._restore_signals()
+        if self._signal is not None:  # terminated by our handler: the state is saved (COMPLETED)
+            msg = (
+                f"training stopped by {signal.Signals(self._signal).name} at iteration {engine.state.iteration}; "
+                f"the state is in {self.path}: run again with --resume_from auto to continue"
+            )
+            logger.warning(msg)
+            if self._signal == signal.SIGINT:
+                raise KeyboardInterrupt(msg)
+            raise SystemExit(128 + self._signal)
+        return state
+
+    def _on_started(self, engine: Any) -> None:
+        self._last_save, self._due = monotonic(), False
+
+    def _on_signal(self, engine: Any, signum: int, frame: Any) -> None:
+        if self._signal is not None:  # a second signal: the user means it, stop at once
+            self._restore_signals()
+            signal.raise_signal(signum)
+            return
+        self._signal = signum
+        logger.warning(
+            "%s received: finishing iteration %d, saving %s, then stopping (send it again to stop at once)",
+            signal.Signals(signum).name,
+            engine.state.iteration,
+            self.path,
+        )
+        engine.terminate()
+
+    def _restore_signals(self) -> None:
+        while self._previous_handlers:
+            sig, handler = self._previous_handlers.popitem()
+            signal.signal(sig, handler)
+
+    def _on_iteration(self, engine: Any) -> None:
+        it = int(engine.state.iteration)
+        n, secs = self.every_n_iterations, self.every_secs
+        if (n and it % n == 0) or (secs and monotonic() - self._last_save >= secs):
+            self._due = True
+        epoch_length = engine.state.epoch_length
+        if self._due and not (epoch_length and it % epoch_length == 0):  # at an epoch end: after validation
+            self(engine)
+
+    def _on_epoch(self, engine: Any) -> None:
+        if self._due:
+            self(engine)
 
     def __call__(self, engine: Any) -> None:
         it = int(engine.state.iteration)
-        if it == self._saved_at:  # epoch end and every-N can fall on one iteration
+        if it == self._saved_at:  # an interval save and the end can fall on one iteration
             return
         loss = _loss_of(engine)
         if loss is not None and not math.isfinite(loss):
             logger.warning("iteration %d: loss is %s, checkpoint %s not updated", it, loss, self.path)
             return
         self.save()
-        self._saved_at = it
+        self._saved_at, self._due, self._last_save = it, False, monotonic()
         if _is_rank0():
             logger.info("saved checkpoint %s (epoch %d, iteration %d)", self.path, engine.state.epoch, it)
 
