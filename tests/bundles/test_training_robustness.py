@@ -71,6 +71,24 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _interrupted_run(dataset_dir: Path, work: Path, overrides: dict, name: str, iteration: int):
+    """Train with ``overrides`` (written to ``work/tiny.json``) into ``work/models`` and ``work/run1``, sending
+    signal ``name`` to the bundle's own process after ``iteration``: from inside the trainer, so that it falls
+    at a known iteration whatever the machine's speed. Returns (the process, the overrides file, the args)."""
+    base = _write_overrides(work / "tiny.json", overrides)
+    run = [
+        "$import signal",
+        "$@train#checkpoint_saver.attach(@train#trainer)",
+        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={iteration}), "
+        f"lambda e: os.kill(os.getpid(), signal.{name}))",
+        "$@train#trainer.run()",
+    ]
+    signal_at = _write_overrides(work / "signal.json", {"run": run})
+    args = {"dataset_dir": dataset_dir, "ckpt_dir": work / "models"}
+    proc = _run([sys.executable] + _bundle_cmd([FILES["train"], base, signal_at], output_dir=work / "run1", **args))
+    return proc, base, args
+
+
 def _trainer_iteration(ckpt: Path) -> int:
     return int(torch.load(ckpt, weights_only=True)["trainer"]["iteration"])
 
@@ -81,23 +99,8 @@ def test_training_killed_mid_epoch_resumes_from_the_saved_iteration(synapse_smal
     iteration 5, not 1, and finishes the planned 12 iterations with the LR schedule where it left off."""
     work = tmp_path
     common = {**TINY, "epoch_length": 6, "max_epochs": 2, "val_interval": 2, "save_state_every_iters": 2}
-    base = _write_overrides(work / "tiny.json", common)
-    # the kill comes from inside the trainer so that it falls mid-epoch at a known iteration, whatever the
-    # machine's speed; SIGKILL cannot be caught, so nothing is flushed or saved on the way out
-    killer = _write_overrides(
-        work / "kill.json",
-        {
-            "run": [
-                "$import signal",
-                "$@train#checkpoint_saver.attach(@train#trainer)",
-                "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once=5), "
-                "lambda e: os.kill(os.getpid(), signal.SIGKILL))",
-                "$@train#trainer.run()",
-            ]
-        },
-    )
-    args = {"dataset_dir": synapse_small, "ckpt_dir": work / "models"}
-    killed = _run([sys.executable] + _bundle_cmd([FILES["train"], base, killer], output_dir=work / "run1", **args))
+    # SIGKILL cannot be caught, so nothing is flushed or saved on the way out
+    killed, base, args = _interrupted_run(synapse_small, work, common, "SIGKILL", 5)
     assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
     ckpt = work / "models" / "checkpoint_last.pt"
     assert _trainer_iteration(ckpt) == 4
@@ -126,21 +129,7 @@ def test_sigterm_saves_the_state_of_the_current_iteration_and_the_run_resumes_th
     saves the full state, exits with status 143, and --resume_from auto trains on from iteration 3."""
     work = tmp_path
     common = {**TINY, "epoch_length": 6, "max_epochs": 1, "val_interval": 1, "save_state_every_iters": 100}
-    base = _write_overrides(work / "tiny.json", common)
-    term = _write_overrides(
-        work / "term.json",
-        {
-            "run": [
-                "$import signal",
-                "$@train#checkpoint_saver.attach(@train#trainer)",
-                "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once=3), "
-                "lambda e: os.kill(os.getpid(), signal.SIGTERM))",
-                "$@train#trainer.run()",
-            ]
-        },
-    )
-    args = {"dataset_dir": synapse_small, "ckpt_dir": work / "models"}
-    stopped = _run([sys.executable] + _bundle_cmd([FILES["train"], base, term], output_dir=work / "run1", **args))
+    stopped, base, args = _interrupted_run(synapse_small, work, common, "SIGTERM", 3)
     assert stopped.returncode == 143, stopped.stdout[-3000:] + stopped.stderr[-3000:]
     assert "training stopped by SIGTERM at iteration 3" in (work / "run1" / "train.log").read_text()
     ckpt = work / "models" / "checkpoint_last.pt"

@@ -1,11 +1,14 @@
 """Pretrained weights and checkpoints at run time: the package's only ``torch.load`` (``weights_only=True``),
 state-dict checks shared by the networks' loaders, the bundles' weights manifests and the shared cache.
 
-A manifest (``bundles/<bundle>/configs/weights.json``) lists each file a bundle can start from: its name in
-the cache, the official URL, the expected SHA-256 (or the hash prefix the publisher puts in the file name,
-until the full hash is pinned on the first verified download), size, licence and the network / variant it
-is for. The cache folder is ``$HYBRIDSEG_WEIGHTS`` or ``<user cache>/hybridseg/weights``, shared by both
-bundles; ``python -m hybridseg weights fetch|list <bundle>`` fills and shows it.
+A manifest (``bundles/<bundle>/configs/weights.json``) is ``{"bundle": name, "files": [entry, ...]}``; each
+entry has ``name`` (what configs ask for), ``file`` (its name in the cache), ``url`` (the official one),
+``sha256`` (full hash, or null) and/or ``sha256_prefix`` (the prefix a publisher such as torchvision puts in
+the file name; the full hash is then pinned in ``<file>.sha256`` on the first verified download),
+``size_mib``, ``licence``, ``network``, ``variants``, ``description`` and, for a file with no direct download
+(a shared-drive page or archive), ``manual``: how to get it by hand. The cache folder is
+``$HYBRIDSEG_WEIGHTS`` or ``$XDG_CACHE_HOME/hybridseg/weights`` (``~/.cache/...``), shared by both bundles;
+``python -m hybridseg weights fetch|list <bundle>`` fills and shows it.
 """
 
 from __future__ import annotations
