@@ -149,3 +149,22 @@ def test_inference_reads_a_dicom_series_folder_and_writes_its_grid(trained, syna
     seg = nib.load(out / "series1_seg.nii.gz")
     assert seg.shape == ct.shape
     assert json.loads((out / "series1_seg.json").read_text())["source"].endswith("series1")
+
+
+def test_unet_baseline_trains_evaluates_and_infers_with_the_same_data_and_reports(synapse_dir, tmp_path):
+    """``network_name unet``: MONAI's BasicUNet through the same train / evaluate / inference configs; the
+    BiFormer weights path is not applied to it (a missing file would otherwise stop the run)."""
+    unet = {**TINY, "network_name": "unet", "pretrained_biformer": str(tmp_path / "absent.pth")}
+    run = train_then_evaluate(FILES["bundle"], synapse_dir, tmp_path / "run", **unet)
+    state = torch.load(run / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("conv_0.") for k in state)
+    with open(run / "test_eval" / "metrics_per_case.csv") as f:
+        assert {r["protocol"] for r in csv.DictReader(f)} == {"paper", "physical"}
+    src = sorted((synapse_dir / "img").glob("*.nii.gz"))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / src.name).write_bytes(src.read_bytes())
+    infer(
+        FILES["bundle"], inputs, tmp_path / "out", run / "models" / "model.pt", network_name="unet", image_size=[64, 64]
+    )
+    assert nib.load(tmp_path / "out" / src.name.replace(".nii.gz", "_seg.nii.gz")).shape == nib.load(src).shape

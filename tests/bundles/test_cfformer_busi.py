@@ -135,3 +135,28 @@ def test_one_training_epoch_lowers_the_loss(busi_dir, tmp_path):
     parser.get_parsed_content("train#trainer").run()
     after = mean_loss()
     assert after < before, f"loss did not drop: {before:.4f} -> {after:.4f}"
+
+
+def test_unet_baseline_trains_evaluates_and_infers_with_the_same_data_and_reports(busi_dir, tmp_path):
+    """``network_name unet``: MONAI's BasicUNet through the same train / evaluate / inference configs; the
+    hybrid's ImageNet paths are not applied to it (a missing file would otherwise stop the run)."""
+    unet = {**TINY, "network_name": "unet", "pretrained_resnet34": str(tmp_path / "absent.pth")}
+    run = train_then_evaluate(FILES["bundle"], busi_dir, tmp_path / "run", **unet)
+    state = torch.load(run / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("conv_0.") for k in state) and not any("swin" in k for k in state)
+    summary = json.loads((run / "test_eval" / "summary_busi.json").read_text())
+    assert 0.0 <= summary["over_classes"]["dice"]["mean"] <= 1.0
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((80, 112), 90, np.uint8)).save(inputs / "gray.png")
+    infer(
+        FILES["bundle"], inputs, tmp_path / "out", run / "models" / "model.pt", network_name="unet", image_size=[64, 64]
+    )
+    assert np.asarray(Image.open(tmp_path / "out" / "gray_mask.png")).shape == (80, 112)
+
+
+def test_unknown_network_name_fails_naming_the_choices(busi_dir, tmp_path):
+    parser = train_config(FILES["bundle"], **TINY, network_name="unet3", dataset_dir=str(busi_dir))
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("network_def")
+    assert "'unet3' is not one of: cfformer, unet" in error_text(info.value)

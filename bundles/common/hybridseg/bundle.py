@@ -178,3 +178,11 @@ def with_weights(model: torch.nn.Module, loader, **paths) -> torch.nn.Module:
         report = loader(model, **given)
         logging.getLogger("hybridseg").info("loaded pretrained weights %s: %s", given, report)
     return model
+
+
+def select_network(builders: dict, name: str) -> torch.nn.Module:
+    """Build network ``name`` from ``builders`` (name -> callable, the configs' ``network_defs`` written with
+    ``"_mode_": "callable"`` so that only the chosen network is constructed)."""
+    if name not in builders:
+        raise ValueError(f"network_name {name!r} is not one of: {', '.join(sorted(builders))}")
+    return builders[name]()
