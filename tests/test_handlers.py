@@ -241,3 +241,59 @@ def test_fp16_amp_training_state_includes_the_gradient_scaler(tmp_path):
     assert saved == trainer.scaler.state_dict()
     _, plain = _trainer(_images(1))
     assert "scaler" not in plain  # fp32 / bf16 runs have no scaler to save
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` that each training iteration advances by one second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _timed_engine(clock: _Clock, budget: float, epoch_length: int, later_step: float = 1.0):
+    from ignite.engine import Engine
+
+    from hybridseg.handlers import TrainingTimeBudget
+
+    def step(engine, batch):  # 1 s per iteration in the first epoch, ``later_step`` s afterwards
+        clock.now += 1.0 if engine.state.epoch == 1 else later_step
+
+    engine = Engine(step)
+    TrainingTimeBudget(budget).attach(engine)
+    return engine, range(epoch_length)
+
+
+@pytest.mark.parametrize(
+    "budget, epoch_length, epochs, iterations",
+    [
+        (10, 3, 3, 9),  # 3 s epochs: after 9 s another epoch (12 s) would not fit, stop at the epoch end
+        (12, 3, 4, 12),  # exactly fits
+        (4, 3, 1, 3),  # another 3 s epoch would not fit after the first
+        (0, 3, 5, 15),  # no budget: every epoch runs
+    ],
+)
+def test_time_budget_stops_training_before_or_at_the_budget(monkeypatch, budget, epoch_length, epochs, iterations):
+    import time
+
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    engine, data = _timed_engine(clock, budget, epoch_length)
+    engine.run(data, max_epochs=5)
+    assert (engine.state.epoch, engine.state.iteration) == (epochs, iterations)
+
+
+def test_time_budget_stops_mid_epoch_when_epochs_slow_down_but_never_in_the_first(monkeypatch):
+    import time
+
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    engine, data = _timed_engine(clock, 10, 3, later_step=4.0)  # epoch 1: 3 s, then 4 s per iteration
+    engine.run(data, max_epochs=5)
+    assert (engine.state.epoch, engine.state.iteration) == (2, 5)  # 3 + 4 + 4 = 11 s > 10 s at iteration 5
+    clock.now = 0.0
+    engine, data = _timed_engine(clock, 2, 3)  # the first epoch alone exceeds the budget: it still completes
+    engine.run(data, max_epochs=5)
+    assert (engine.state.epoch, engine.state.iteration) == (1, 3)
