@@ -253,7 +253,7 @@ class _Clock:
         return self.now
 
 
-def _timed_engine(clock: _Clock, budget: float, epoch_length: int, later_step: float = 1.0):
+def _timed_engine(clock: _Clock, budget: float, epoch_length: int, later_step: float = 1.0, validator=None):
     from ignite.engine import Engine
 
     from hybridseg.handlers import TrainingTimeBudget
@@ -262,7 +262,7 @@ def _timed_engine(clock: _Clock, budget: float, epoch_length: int, later_step: f
         clock.now += 1.0 if engine.state.epoch == 1 else later_step
 
     engine = Engine(step)
-    TrainingTimeBudget(budget).attach(engine)
+    TrainingTimeBudget(budget, validator=validator).attach(engine)
     return engine, range(epoch_length)
 
 
@@ -285,7 +285,7 @@ def test_time_budget_stops_training_before_or_at_the_budget(monkeypatch, budget,
     assert (engine.state.epoch, engine.state.iteration) == (epochs, iterations)
 
 
-def test_time_budget_stops_mid_epoch_when_epochs_slow_down_but_never_in_the_first(monkeypatch):
+def test_time_budget_stops_mid_epoch_past_the_budget_and_validates_once(monkeypatch):
     import time
 
     clock = _Clock()
@@ -293,7 +293,15 @@ def test_time_budget_stops_mid_epoch_when_epochs_slow_down_but_never_in_the_firs
     engine, data = _timed_engine(clock, 10, 3, later_step=4.0)  # epoch 1: 3 s, then 4 s per iteration
     engine.run(data, max_epochs=5)
     assert (engine.state.epoch, engine.state.iteration) == (2, 5)  # 3 + 4 + 4 = 11 s > 10 s at iteration 5
+
+    class Validator:
+        epochs: list[int] = []
+
+        def run(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
     clock.now = 0.0
-    engine, data = _timed_engine(clock, 2, 3)  # the first epoch alone exceeds the budget: it still completes
+    validator = Validator()
+    engine, data = _timed_engine(clock, 1.5, 4, validator=validator)
     engine.run(data, max_epochs=5)
-    assert (engine.state.epoch, engine.state.iteration) == (1, 3)
+    assert (engine.state.epoch, engine.state.iteration) == (1, 2) and validator.epochs == [1]

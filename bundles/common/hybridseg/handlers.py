@@ -456,13 +456,15 @@ def attach_resume(
 class TrainingTimeBudget:
     """Stop training within ``seconds`` of wall-clock time from the trainer's start (validation and
     checkpointing included): after an epoch (and its validation), stop when another epoch of the mean length
-    so far would not fit; during a later epoch, stop at the first iteration past the budget (that epoch is
-    then not validated). The first epoch always completes, so a best model exists. ``None`` or 0: no limit.
-    Used to give networks the same time budget."""
+    so far would not fit; during an epoch, stop at the first iteration past the budget and run ``validator``
+    once on the weights reached (so the best model is chosen among them too; this last validation is the only
+    time spent past the budget). ``None`` or 0: no limit. Used to give networks the same time budget."""
 
-    def __init__(self, seconds: float | None) -> None:
+    def __init__(self, seconds: float | None, validator: Any = None) -> None:
         self.seconds = float(seconds or 0)
+        self.validator = validator
         self._start = 0.0
+        self._first_epoch = 0
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -500,5 +502,8 @@ class TrainingTimeBudget:
             self._stop(engine, "another epoch would not fit, stopping")
 
     def _iteration_completed(self, engine: Any) -> None:
-        if int(engine.state.epoch) > self._first_epoch + 1 and self._elapsed() > self.seconds:
-            self._stop(engine, "spent, stopping mid-epoch")
+        if engine.should_terminate or self._elapsed() <= self.seconds:
+            return
+        self._stop(engine, "spent, stopping mid-epoch")
+        if self.validator is not None:
+            self.validator.run(engine.state.epoch)
