@@ -49,10 +49,10 @@ def test_quick_recipe_states_a_budget_of_at_most_ten_minutes_that_the_trainer_en
     parser = ConfigParser()
     parser.read_config([str(configs / "train.json"), str(configs / "quick.json")])
     assert 0 < parser["max_train_seconds"] <= 600
-    budget = [h for h in parser["train#handlers"] if h.get("_target_") == "hybridseg.handlers.TrainingTimeBudget"]
+    budget = [h for h in parser["train#handlers"] if h.get("_target_") == "hybridseg.checkpointing.TrainingTimeBudget"]
     assert budget == [
         {
-            "_target_": "hybridseg.handlers.TrainingTimeBudget",
+            "_target_": "hybridseg.checkpointing.TrainingTimeBudget",
             "seconds": "@max_train_seconds",
             "validator": "@validate#evaluator",
         }
