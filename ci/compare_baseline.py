@@ -86,6 +86,8 @@ def train_and_test(kind: str, network: str, data: Path, work: Path, overrides: d
     common = ["--dataset_dir", str(data), "--ckpt_dir", str(out / "models"), "--network_name", network]
     common += _flags(overrides)
     runner = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
+    if (out / "result.json").is_file():  # finished earlier with these settings: reuse (delete it to rerun)
+        return json.loads((out / "result.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     wall, cpu = _run(runner + [json.dumps(quick)] + common + ["--output_dir", str(out / "train")], out / "train.txt")
@@ -96,12 +98,12 @@ def train_and_test(kind: str, network: str, data: Path, work: Path, overrides: d
     _run(runner + [evaluate] + common + ["--output_dir", str(out / "test")], out / "test.txt")
     summary = json.loads((out / "test" / ("summary_busi.json" if kind == "busi" else "summary_paper.json")).read_text())
     over = summary["over_classes"]
-    return {
+    result = {
         "network": network,
         "test_dice": over["dice"]["mean"],
         "test_hd95": over["hd95"]["mean"],
         "iterations": int(trainer["iteration"]),
-        "epochs": int(trainer["epoch"]),
+        "epochs": round(int(trainer["iteration"]) / int(trainer["epoch_length"]), 2),
         "process_wall_s": round(wall, 1),
         "process_cpu_s": round(cpu, 1),
         "budget_stop": budget_line[-1].split("INFO: ")[-1] if budget_line else "not reached (all epochs ran)",
@@ -109,6 +111,8 @@ def train_and_test(kind: str, network: str, data: Path, work: Path, overrides: d
         "load_avg_1min_after": round(os.getloadavg()[0], 2),
         "overrides": overrides,
     }
+    (out / "result.json").write_text(json.dumps(result, indent=4) + "\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
