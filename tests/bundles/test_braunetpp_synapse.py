@@ -212,3 +212,13 @@ def test_num_val_0_trains_on_every_non_test_case_and_keeps_the_last_model(synaps
     assert all(torch.equal(model[k], last["model"][k]) for k in model)
     assert "val_mean_dice" not in (work / "eval" / "train.log").read_text()
     assert (work / "test_eval" / "summary_paper.json").is_file()
+
+
+@pytest.mark.parametrize("use_sccsa, num_skips", [(True, 3), (False, 3), (True, 1), (False, 0)])
+def test_ablation_config_keys_build_the_ablated_network(use_sccsa, num_skips):
+    from hybridseg.networks.braunetpp import SCCSA
+
+    with torch.device("meta"):
+        net = train_config(FILES["bundle"], use_sccsa=use_sccsa, num_skips=num_skips).get_parsed_content("network_def")
+    assert [level.use_skip for level in net.decoder] == [i < num_skips for i in range(3)]
+    assert sum(isinstance(m, SCCSA) for m in net.modules()) == (num_skips if use_sccsa else 0)

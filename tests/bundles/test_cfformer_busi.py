@@ -135,3 +135,20 @@ def test_one_training_epoch_lowers_the_loss(busi_dir, tmp_path):
     parser.get_parsed_content("train#trainer").run()
     after = mean_loss()
     assert after < before, f"loss did not drop: {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize(
+    "overrides, fusion",
+    [({"cfca": False}, ("NoChannelExchange", "XFF")), ({"xff": False}, ("CFCA", "PlainFusion")), ({}, ("CFCA", "XFF"))],
+)
+def test_ablation_config_keys_build_the_ablated_network(overrides, fusion):
+    with torch.device("meta"):
+        net = train_config("cfformer_busi", **overrides).get_parsed_content("network_def")
+    assert (type(net.encoder.cfca1).__name__, type(net.encoder.xff1).__name__) == fusion
+
+
+@pytest.mark.parametrize("encoder, cls", [("cnn", "CNNEncoder"), ("transformer", "TransformerEncoder")])
+def test_encoder_config_key_builds_the_single_branch_ablations(encoder, cls):
+    with torch.device("meta"):
+        net = train_config("cfformer_busi", encoder=encoder).get_parsed_content("network_def")
+    assert type(net.encoder).__name__ == cls
