@@ -44,13 +44,15 @@ def test_evaluation_writes_one_csv_row_per_test_image_with_metrics_in_range(trai
     test_items = json.loads((busi_dir / "datalist.json").read_text())["test"]
     with open(trained / "test_eval" / "metrics_per_case.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(test_items)
+    # each image twice: at its original size and on the network grid (image_size), each named
+    assert sorted(r["grid"] for r in rows) == sorted(["original", "64x64"] * len(test_items))
     assert {r["case"] for r in rows} == {Path(t["image"]).name.rsplit(".", 1)[0] for t in test_items}
     for r in rows:
         assert 0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["iou"]) <= 1.0
         assert r["hd95"] == "nan" and r["status"] != "ok" or float(r["hd95"]) >= 0
     summary = json.loads((trained / "test_eval" / "summary_busi.json").read_text())
-    assert 0.0 <= summary["over_classes"]["dice"]["mean"] <= 1.0
+    assert 0.0 <= summary["over_classes"]["dice"]["mean"] <= 1.0 and summary["grid"] == "original"
+    assert json.loads((trained / "test_eval" / "summary_busi_grid.json").read_text())["grid"] == "64x64"
     assert list((trained / "test_eval" / "overlays").glob("*_overlay.png"))
 
 
