@@ -86,3 +86,12 @@ def test_ddp_ranks_each_take_their_share_of_every_global_batch():
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(batch, ranks):
     with pytest.raises(ValueError, match="cannot be split evenly"):
         per_rank_batch_size(batch, num_replicas=ranks)
+
+
+def test_a_training_set_smaller_than_one_batch_is_an_error_not_an_empty_epoch():
+    from hybridseg.data.slices import iterations_per_epoch
+
+    ds = VolumeSliceDataset(_volumes())
+    assert iterations_per_epoch(DataLoader(ds, batch_size=24, drop_last=True)) == 2
+    with pytest.raises(ValueError, match="holds 48 items, fewer than one batch of 64"):
+        iterations_per_epoch(DataLoader(ds, batch_size=64, drop_last=True))

@@ -10,14 +10,14 @@ DDP ranks so that the ranks' batches together are one global batch of the paper'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
 from monai.transforms import SqueezeDim
 from torch.utils.data import Dataset
 
-__all__ = ["VolumeSliceDataset", "per_rank_batch_size", "world_size"]
+__all__ = ["VolumeSliceDataset", "iterations_per_epoch", "per_rank_batch_size", "world_size"]
 
 
 class VolumeSliceDataset(Dataset):
@@ -83,3 +83,17 @@ def per_rank_batch_size(global_batch: int, num_replicas: int | None = None) -> i
             f"choose a number of ranks that divides it (or change batch_size)"
         )
     return global_batch // n
+
+
+def iterations_per_epoch(loader: Sized) -> int:
+    """Full batches per epoch of a ``drop_last`` training loader; ValueError when there is not one (a
+    training set smaller than a batch would otherwise "train" for zero iterations and exit successfully)."""
+    n = len(loader)
+    if n == 0:
+        dataset, batch = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
+        size = len(dataset) if isinstance(dataset, Sized) else "?"
+        raise ValueError(
+            f"the training set holds {size} items, fewer than one batch of {batch} per rank: "
+            "add training data or lower batch_size"
+        )
+    return n
