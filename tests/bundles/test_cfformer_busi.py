@@ -154,3 +154,16 @@ def test_encoder_config_key_builds_the_single_branch_ablations(encoder, cls):
     with torch.device("meta"):
         net = train_config("cfformer_busi", encoder=encoder).get_parsed_content("network_def")
     assert type(net.encoder).__name__ == cls
+
+
+def test_a_datalist_without_validation_part_trains_and_keeps_the_last_model(busi_dir, tmp_path):
+    """``datalist_busi --split 0.8 0 0.2``: no validation, so models/model.pt is the model after the last epoch."""
+    from hybridseg.data.busi import datalist_busi
+
+    datalist = datalist_busi(root=str(busi_dir), out=str(tmp_path / "no_val.json"), seed=0, split=(0.8, 0.0, 0.2))
+    assert json.loads(open(datalist).read())["validation"] == []
+    work = train_then_evaluate("cfformer_busi", busi_dir, tmp_path / "run", **{**TINY, "datalist": datalist})
+    model = torch.load(work / "models" / "model.pt", weights_only=True)
+    last = torch.load(work / "models" / "checkpoint_last.pt", weights_only=True)
+    assert all(torch.equal(model[k], last["model"][k]) for k in last["model"])
+    assert (work / "test_eval" / "summary_busi.json").is_file()
