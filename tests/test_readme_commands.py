@@ -1,14 +1,15 @@
 """Every ```bash block of the top README and of both bundle READMEs runs as written, on generated data.
 
-The blocks are read from the files at test time (whatever they hold), split into commands (``\\``
-continuations joined, comments dropped) and run in order, one README after another command, from the
-repository root. Only three things change, by rule:
+The blocks are read from the files at test time (whatever they hold; ``<!-- bundle-only ... -->`` parts are
+for the packaged bundle and left out), split into commands (``\\`` continuations joined, comments dropped) and
+run in order, from the repository root. Only three things change, by rule:
 
 1. data paths: every placeholder in :data:`SUBSTITUTIONS` becomes a generated data set (or output folder) in
    the real layout; a ``/data/...``, ``/path/...`` or ``/tmp/...`` path without an entry fails the test;
 2. ``python`` is this interpreter;
-3. bundle runs (``monai.bundle run`` with a bundle's config) get the bundle's :data:`TINY` overrides and a
-   ``--ckpt_dir`` / ``--output_dir`` in the test's folder, each only when the command does not set it.
+3. bundle commands (``monai.bundle run``, ``ckpt_export``, ``verify_net_in_out``... with a bundle's config) get
+   the bundle's :data:`TINY` overrides and a ``--ckpt_dir`` / ``--output_dir`` in the test's folder, each only
+   when the command does not set it; the bundle's default ``models/`` folder is that ``--ckpt_dir``.
 
 Commands matched by :data:`SKIP` are not run; each rule says why. So a README command that is wrong (a path
 that a previous command did not write, an option that does not exist, a config that fails) fails the test.
@@ -98,7 +99,9 @@ SKIP: list[tuple[Callable[[list[str]], bool], str]] = [
 
 
 def bash_blocks(text: str) -> list[str]:
-    """The contents of every fenced ```bash block, in order (indented fences included)."""
+    """The contents of every fenced ```bash block, in order (indented fences included), outside the parts
+    written for the packaged bundle only (``<!-- bundle-only ... -->``)."""
+    text = re.sub(r"<!-- bundle-only\n.*?-->", "", text, flags=re.S)
     return [m.group(1) for m in re.finditer(r"^[ \t]*```bash[ \t]*\n(.*?)^[ \t]*```", text, re.S | re.M)]
 
 
@@ -135,12 +138,14 @@ def _substitute(token: str, data: Path) -> str:
 def prepare(tokens: list[str], data: Path, work: Path) -> list[str]:
     """The command as the test runs it (see the module docstring)."""
     out = [_substitute(t, data) for t in tokens]
+    for bundle in TINY:  # the bundle's default checkpoint folder is the test's
+        out = [t.replace(f"bundles/{bundle}/models/", f"{work / (bundle + '_models')}/") for t in out]
     unknown = [t for t, new in zip(tokens, out, strict=True) if t == new and _UNKNOWN_PATH.match(t)]
     if unknown:
         raise AssertionError(f"no generated data for {unknown} in {shlex.join(tokens)}: add it to SUBSTITUTIONS")
     if out[0] == "python":
         out[0] = sys.executable
-    if "monai.bundle" in out and "run" in out:
+    if "monai.bundle" in out:
         bundle = next((b for b in TINY if any(f"bundles/{b}/" in t for t in out)), None)
         if bundle is not None:
             given = {t[2:].split("=", 1)[0] for t in out if t.startswith("--")}

@@ -19,18 +19,17 @@ Module names differ from the official ones (they say what the module is); the ma
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridseg.io import InputDataError
+from hybridseg.io import InputDataError, shape_str
 from hybridseg.networks.bra import DEFAULT_KV_CHUNK_BYTES, BiLevelRoutingAttention
+from hybridseg.weights import LoadReport, read_state_dict
 
 __all__ = [
     "BRAUNetPP",
@@ -49,18 +48,13 @@ __all__ = [
 ]
 
 
-def _conv_nhwc(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply an NCHW conv (or conv + BN sequence) to an NHWC tensor through its channels-last view."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
 def _pixel_shuffle_nhwc(x: torch.Tensor, r: int) -> torch.Tensor:
     """(B, H, W, r*r*C) -> (B, r*H, r*W, C), channel (p1*r + p2)*C + c to pixel (r*h + p1, r*w + p2).
 
     This is einops ``b h w (p1 p2 c) -> b (h p1) (w p2) c``, not ``nn.PixelShuffle`` (order (c p1 p2)).
     """
     b, h, w, c = x.shape
-    c //= r * r
+    c = c // (r * r)  # not //=, which TorchScript does not parse
     return x.view(b, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c)
 
 
@@ -148,7 +142,7 @@ class BRAUBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)
-        x = x + _conv_nhwc(self.pos_embed, x)
+        x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # NCHW conv on the channels-last view
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -338,9 +332,9 @@ class BRAUNetPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"BRAUNetPP expects (B, {self.in_channels}, H, W) images, got shape {tuple(x.shape)}")
+            raise ValueError(f"BRAUNetPP expects (B, {self.in_channels}, H, W) images, got shape {shape_str(x.shape)}")
         if x.shape[2] % 32 or x.shape[3] % 32:
-            raise ValueError(f"BRAUNetPP needs H and W that are multiples of 32, got {tuple(x.shape[2:])}")
+            raise ValueError(f"BRAUNetPP needs H and W that are multiples of 32, got {shape_str(x.shape[2:])}")
         if self.in_channels == 1:
             x = x.expand(-1, 3, -1, -1)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -349,8 +343,10 @@ class BRAUNetPP(nn.Module):
             x = level(x)
             skips.append(x)
         x = self.bottleneck_expand(self.bottleneck(x))
-        for i in (2, 1, 0):
-            x = self.decoder[i](x, skips[i])
+        # Deepest level first, written out: TorchScript indexes submodules by literal positions only.
+        x = self.decoder[2](x, skips[2])
+        x = self.decoder[1](x, skips[1])
+        x = self.decoder[0](x, skips[0])
         x = self.final_expand(self.norm_up(x))
         # The 1x1 head conv as a per-pixel Linear on NHWC; its NCHW view is channels-last memory.
         return F.linear(x, self.head.weight.flatten(1)).permute(0, 3, 1, 2)
@@ -517,55 +513,28 @@ def convert_official_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def _read_state_dict(path: str | os.PathLike, containers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Load a checkpoint with ``weights_only=True`` and return its state dict (first container found)."""
-    if not os.path.isfile(path):
-        raise InputDataError(path, "checkpoint file does not exist")
-    try:
-        # Training scripts (DeiT-style, as BiFormer's) also store their argparse.Namespace: plain data.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad input file
-        raise InputDataError(path, f"cannot be read as a weights-only torch checkpoint ({err})") from err
-    for name in containers:
-        if isinstance(obj, Mapping) and isinstance(obj.get(name), Mapping):
-            obj = obj[name]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputDataError(path, "does not hold a state dict (a mapping from names to tensors)")
-    return dict(obj)
-
-
-def load_official_checkpoint(model: BRAUNetPP, path: str | os.PathLike) -> None:
+def load_official_checkpoint(model: BRAUNetPP, path: str | os.PathLike) -> LoadReport:
     """Load an official BRAU-Net++ checkpoint file (e.g. the authors' Synapse weights) into ``model``.
 
-    Strict: every weight of ``model`` must be present with the right shape, otherwise InputDataError.
+    Strict: every weight of ``model`` must be present with the right shape, otherwise InputDataError. The
+    report lists the entries of the never-run bottleneck stage as skipped.
     """
-    sd = _read_state_dict(path, ("state_dict", "model"))
+    sd = read_state_dict(path, ("state_dict", "model"))
     try:
         converted = convert_official_state_dict(sd)
         model.load_state_dict(converted, strict=True)
     except (ValueError, RuntimeError) as err:
         raise InputDataError(path, f"does not fit this BRAU-Net++ configuration: {err}") from err
+    kept = len(converted)
+    skipped = {k: "never-run bottleneck stage" for k in sd if k not in converted} if len(sd) > kept else {}
+    return LoadReport(loaded=sorted(converted), skipped=skipped, files=[str(path)])
 
 
-@dataclass
-class BiFormerLoadReport:
-    """What ``load_biformer_weights`` did: our keys loaded, checkpoint keys skipped, our keys left at init."""
-
-    loaded: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why
-    left_at_init: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """One line with the three counts."""
-        return (
-            f"BiFormer weights: {len(self.loaded)} tensors loaded, {len(self.skipped)} checkpoint "
-            f"entries skipped, {len(self.left_at_init)} model tensors left at initialisation"
-        )
+# The name earlier releases exported; the report is the shared one.
+BiFormerLoadReport = LoadReport
 
 
-def load_biformer_weights(model: BRAUNetPP, path: str | os.PathLike) -> BiFormerLoadReport:
+def load_biformer_weights(model: BRAUNetPP, path: str | os.PathLike) -> LoadReport:
     """Load BiFormer ImageNet weights (``biformer_base_best.pth`` layout) into the encoder.
 
     The checkpoint is a dict whose ``model`` entry holds ``downsample_layers.{0..3}.*``,
@@ -574,9 +543,9 @@ def load_biformer_weights(model: BRAUNetPP, path: str | os.PathLike) -> BiFormer
     (stem, downsampling layers including the bottleneck one, the first encoder_depths[i] blocks of
     stages 0-2); the rest is skipped and the decoder and SCCSA keep their initialisation.
     """
-    sd = _read_state_dict(path, ("model", "state_dict"))
+    sd = read_state_dict(path, ("model", "state_dict"))
     own = model.state_dict()
-    report = BiFormerLoadReport()
+    report = LoadReport(files=[str(path)])
     to_load: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         bare = _strip_prefixes(key, ("module.",)).replace("_checkpoint_wrapped_module.", "")

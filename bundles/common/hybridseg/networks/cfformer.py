@@ -19,16 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridseg.networks.resnet import ResNet34Features
-from hybridseg.networks.resnet import load_weights_file as _load_weights_file
-from hybridseg.networks.resnet import resnet34_state_dict_from_torchvision
+from hybridseg.io import InputDataError, shape_str
+from hybridseg.networks.resnet import ResNet34Features, resnet34_state_dict_from_torchvision
 from hybridseg.networks.swin_v2 import (
+    PRETTY_NAMES,
     SwinV2Features,
     equal_constant,
     relative_coords_table,
     relative_position_index,
+    swin_v2_name_of,
+    swin_v2_shape_of,
     swin_v2_state_dict_from_torchvision,
 )
+from hybridseg.weights import LoadReport, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,8 @@ class CFFormerEncoder(nn.Module):
     :class:`PlainFusion` in XFF's (the modules keep their names, so the forward is the same).
     """
 
+    __jit_unused_properties__ = ["skip_channels"]  # construction-time information, not part of a scripted forward
+
     def __init__(
         self,
         swin_name: str,
@@ -217,20 +222,33 @@ class CFFormerEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, C_in, H, W) -> [skip0, skip1, skip2, skip3, skip4]."""
-        cnn, feats = self.cnn, self.transformer.features
-        skips = [cnn.stem(x)]
-        cnn_in = cnn.maxpool(skips[0])
-        trans_in = x  # the Swin branch starts from the raw image (patch embedding)
-        fusions = [(self.cfca1, self.xff1), (self.cfca2, self.xff2), (self.cfca3, self.xff3), (self.cfca4, self.xff4)]
-        for k, (stage, (cfca, xff)) in enumerate(zip(cnn.stages(), fusions, strict=True)):
-            c = stage(cnn_in)
-            t = feats[2 * k + 1](feats[2 * k](trans_in)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
-            to_cnn, to_trans = cfca(t, c)
-            cnn_in = c + to_cnn  # both fused streams feed the next stage of their own branch
-            t_fused = t + to_trans
-            skips.append(xff(t_fused, cnn_in))
-            trans_in = t_fused.permute(0, 2, 3, 1)
+        skips = [self.cnn.stem(x)]
+        # The four stages written out: TorchScript indexes submodules by literal positions only. The Swin
+        # branch starts from the raw image (patch embedding); its NHWC stage outputs are viewed as NCHW.
+        c = self.cnn.layer1(self.cnn.maxpool(skips[0]))
+        t = self.transformer.features[1](self.transformer.features[0](x)).permute(0, 3, 1, 2)
+        c, t = _exchange(c, t, self.cfca1(t, c))
+        skips.append(self.xff1(t, c))
+        c = self.cnn.layer2(c)
+        t = self.transformer.features[3](self.transformer.features[2](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        c, t = _exchange(c, t, self.cfca2(t, c))
+        skips.append(self.xff2(t, c))
+        c = self.cnn.layer3(c)
+        t = self.transformer.features[5](self.transformer.features[4](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        c, t = _exchange(c, t, self.cfca3(t, c))
+        skips.append(self.xff3(t, c))
+        c = self.cnn.layer4(c)
+        t = self.transformer.features[7](self.transformer.features[6](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        c, t = _exchange(c, t, self.cfca4(t, c))
+        skips.append(self.xff4(t, c))
         return skips
+
+
+def _exchange(
+    cnn: torch.Tensor, trans: torch.Tensor, cfca_out: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add CFCA's (to_cnn, to_trans) to the branches; both fused streams feed the next stage of their own."""
+    return cnn + cfca_out[0], trans + cfca_out[1]
 
 
 class CNNEncoder(nn.Module):
@@ -240,6 +258,8 @@ class CNNEncoder(nn.Module):
     def __init__(self, in_channels: int) -> None:
         super().__init__()
         self.cnn = ResNet34Features(in_channels)
+
+    __jit_unused_properties__ = ["skip_channels"]
 
     @property
     def skip_channels(self) -> tuple[int, int, int, int, int]:
@@ -258,6 +278,8 @@ class TransformerEncoder(nn.Module):
     def __init__(self, swin_name: str, in_channels: int, stochastic_depth_prob: float | None = None) -> None:
         super().__init__()
         self.transformer = SwinV2Features(swin_name, in_channels, stochastic_depth_prob)
+
+    __jit_unused_properties__ = ["skip_channels"]
 
     @property
     def skip_channels(self) -> tuple[int, int, int, int, int]:
@@ -326,6 +348,7 @@ class CFFormer(nn.Module):
         if encoder != "hybrid" and not (cfca and xff):
             raise ValueError(f"cfca and xff fuse the two branches of the hybrid encoder; encoder={encoder!r} has one")
         self.variant, self.in_channels, self.num_classes = variant, in_channels, num_classes
+        self.size_multiple = SIZE_MULTIPLE  # an attribute: scripted code reads no module globals
         if encoder == "cnn":
             self.encoder: nn.Module = CNNEncoder(in_channels)
         elif encoder == "transformer":
@@ -344,9 +367,10 @@ class CFFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, num_classes, H, W) raw logits (no sigmoid/softmax)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"CFFormer expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
-        if x.shape[2] % SIZE_MULTIPLE or x.shape[3] % SIZE_MULTIPLE:
-            raise ValueError(f"CFFormer needs H and W that are multiples of {SIZE_MULTIPLE}, got {tuple(x.shape[2:])}")
+            raise ValueError(f"CFFormer expects (B, {self.in_channels}, H, W) input, got {shape_str(x.shape)}")
+        multiple = self.size_multiple
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(f"CFFormer needs H and W that are multiples of {multiple}, got {shape_str(x.shape[2:])}")
         # channels_last throughout: oneDNN convolutions run 2-5x faster in it on CPU, and it is the
         # Swin branch's native NHWC layout, so the hand-overs between the branches are free views.
         x = x.contiguous(memory_format=torch.channels_last)
@@ -456,40 +480,60 @@ def convert_reference_state_dict(sd: Mapping[str, torch.Tensor], in_channels: in
 # --- ImageNet backbones (torchvision checkpoints) ----------------------------------------------------
 
 
+def check_swin_variant(model: CFFormer, sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a Swin-V2 ImageNet file of another size than the variant's (read from the file's shapes), naming
+    the file, the Swin-V2 (and CFFormer variant) it holds and the one this variant needs."""
+    expected = model.encoder.transformer.name
+    found = swin_v2_name_of(sd)
+    if found == expected:
+        return
+    letters = {v: k for k, v in VARIANTS.items()}
+    shape = swin_v2_shape_of(sd)
+    if found is not None:
+        held = f"{PRETTY_NAMES[found]} weights (CFFormer variant {letters[found]!r})"
+    elif shape is not None:
+        held = f"a Swin-V2 of width {shape[0]} and depths {list(shape[1])}, which no CFFormer variant uses"
+    else:
+        held = "no torchvision Swin-V2 weights (no features.0.0.weight patch embedding)"
+    raise InputDataError(
+        path,
+        f"holds {held}, but this CFFormer is variant {model.variant!r}, which needs {PRETTY_NAMES[expected]} "
+        f"({expected}) ImageNet weights; the variant letters s/b/l use Swin-V2-T/S/B",
+    )
+
+
 def load_imagenet_weights(
     model: CFFormer, resnet34: str | os.PathLike | None = None, swin: str | os.PathLike | None = None
-) -> dict[str, dict[str, object]]:
+) -> LoadReport:
     """Load torchvision ImageNet checkpoints into the backbones of ``model`` (all-or-nothing).
 
     ``resnet34`` is a torchvision ``resnet34`` state dict file and ``swin`` the ``swin_v2_{t,s,b}`` file
-    matching the variant (t for ``s``, s for ``b``, b for ``l``). Files are read with
-    ``torch.load(weights_only=True)``; both are checked before either is loaded, and a wrong or
-    mismatched file raises ``InputDataError`` naming it and listing the offending keys. For a 1-channel
-    model the RGB stem kernels are summed. Returns, per loaded backbone, the path, the number of
-    tensors loaded and the checkpoint keys ignored (classifier, constants).
+    matching the variant (t for ``s``, s for ``b``, b for ``l``; checked from the file's shapes). Files are
+    read with ``weights_only=True``; both are checked before either is loaded, and a wrong or mismatched
+    file raises ``InputDataError`` naming it and listing the offending keys. For a 1-channel model the RGB
+    stem kernels are summed. The report lists the model tensors loaded, the checkpoint entries skipped
+    (``<backbone>:<key>``: classifier, constants) and the model tensors left at initialisation (CFCA, XFF,
+    decoder, and a backbone without a file).
     """
     enc = model.encoder
     staged = []
     if resnet34 is not None:
-        sd = _load_weights_file(resnet34)
-        staged.append(("resnet34", resnet34, enc.cnn, sd, resnet34_state_dict_from_torchvision(sd, enc.cnn, resnet34)))
-    if swin is not None:
-        sd = _load_weights_file(swin)
+        sd = load_weights_file(resnet34)
         staged.append(
-            (
-                enc.transformer.name,
-                swin,
-                enc.transformer,
-                sd,
-                swin_v2_state_dict_from_torchvision(sd, enc.transformer, swin),
-            )
+            ("resnet34", resnet34, "encoder.cnn.", sd, resnet34_state_dict_from_torchvision(sd, enc.cnn, resnet34))
         )
-    report: dict[str, dict[str, object]] = {}
-    for name, path, module, raw, converted in staged:
-        module.load_state_dict(converted, strict=True)
-        ignored = sorted(k for k in raw if k not in converted)
-        report[name] = {"path": str(path), "loaded": len(converted), "ignored": ignored}
-        log.info(
-            "loaded %s ImageNet weights from %s (%d tensors, %d ignored)", name, path, len(converted), len(ignored)
-        )
+    if swin is not None:
+        sd = load_weights_file(swin)
+        check_swin_variant(model, sd, swin)
+        converted = swin_v2_state_dict_from_torchvision(sd, enc.transformer, swin)
+        staged.append((enc.transformer.name, swin, "encoder.transformer.", sd, converted))
+    report = LoadReport()
+    for name, path, prefix, raw, converted in staged:
+        model.get_submodule(prefix.rstrip(".")).load_state_dict(converted, strict=True)
+        report.loaded += [prefix + k for k in converted]
+        report.skipped.update({f"{name}:{k}": "not used by CFFormer" for k in sorted(raw) if k not in converted})
+        report.files.append(str(path))
+        log.info("loaded %s ImageNet weights from %s (%d tensors)", name, path, len(converted))
+    loaded = set(report.loaded)
+    report.left_at_init = [k for k in model.state_dict() if k not in loaded]
     return report
