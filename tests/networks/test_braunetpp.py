@@ -469,3 +469,13 @@ def test_ablation_builds_runs_forward_and_backward_and_counts_its_parameters(use
 def test_skip_count_outside_0_to_3_is_refused():
     with pytest.raises(ValueError, match="num_skips"):
         BRAUNetPP(num_skips=4)
+
+
+@pytest.mark.parametrize("num_skips", [0, 1])
+def test_skip_count_ablation_scripts_and_matches_eager(num_skips):
+    torch.manual_seed(0)
+    tiny = dict(embed_dims=(32, 64, 128, 256), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1), n_win=4)
+    model = BRAUNetPP(num_skips=num_skips, **tiny).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-4, atol=1e-4)

@@ -543,3 +543,13 @@ def test_single_branch_encoders_refuse_fusion_switches_and_unknown_encoders():
         CFFormer("s", encoder="cnn", cfca=False)
     with pytest.raises(ValueError, match="unknown CFFormer encoder"):
         CFFormer("s", encoder="resnet")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["no_cfca_no_xff", "cnn_only", "transformer_only"])
+def test_ablations_script_and_match_eager(name):
+    torch.manual_seed(0)
+    model = CFFormer("s", **ABLATIONS[name]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-4, atol=1e-4)
