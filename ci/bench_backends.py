@@ -103,10 +103,10 @@ def bench_bundle(bundle: str, args: argparse.Namespace, work: Path) -> list[dict
     ref_key = ("torch", False)
     rows = []
     for key in inferers:
-        same = sum(int((a == b).sum()) for a, b in zip(outputs[key], outputs[ref_key]))
+        same = sum(int((a == b).sum()) for a, b in zip(outputs[key], outputs[ref_key], strict=True))
         total = sum(a.numel() for a in outputs[ref_key])
         med = statistics.median(times[key])
-        ratios = [t / r for t, r in zip(times[key], times[ref_key])]
+        ratios = [t / r for t, r in zip(times[key], times[ref_key], strict=True)]
         rows.append(
             {
                 "bundle": bundle,

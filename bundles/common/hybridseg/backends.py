@@ -125,7 +125,7 @@ class OnnxRuntimeNetwork:
 
     def model_path(self, shape: Sequence[int]) -> Path:
         """The cache file of the graph for inputs ``(N, *shape)``."""
-        name = type(self.network).__name__.lower()
+        name = str(getattr(self.network, "original_name", type(self.network).__name__)).lower()
         suffix = "-int8" if self.backend == "onnxruntime_int8" else ""
         return self.cache_dir / f"{name}-{self.weights_hash[:16]}-{'x'.join(map(str, shape))}{suffix}.onnx"
 
@@ -271,7 +271,7 @@ class BackendInferer(Inferer):
     ) -> None:
         self.inferer = inferer
         self.backend = check_backend(backend)
-        self.cache_dir = self._writable(cache_dir)
+        self.cache_dir = cache_dir
         self.calibration_data = calibration_data
         self.calibration_transform = calibration_transform
         self.num_calibration = int(num_calibration)
@@ -317,7 +317,7 @@ class BackendInferer(Inferer):
         key = id(network)
         if key not in self._runners or self._runners[key].network is not network:
             self._runners[key] = OnnxRuntimeNetwork(
-                network, self.backend, self.cache_dir, self._calibration(network), self.num_threads
+                network, self.backend, self._writable(self.cache_dir), self._calibration(network), self.num_threads
             )
         return self._runners[key]
 

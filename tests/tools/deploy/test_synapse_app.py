@@ -31,9 +31,22 @@ def run(tmp_path_factory):
     app_out = work / "app_out"
     app_out.mkdir()
     run_app("hybridseg.tools.deploy.synapse_app", work / "dicom", exported["ts"], app_out)
+    ort_out = work / "app_ort_out"
+    ort_out.mkdir()
+    run_app(
+        "hybridseg.tools.deploy.synapse_app", work / "dicom", exported["ts"], ort_out, HYBRIDSEG_BACKEND="onnxruntime"
+    )
     bundle_out = work / "bundle_out"
     infer("braunetpp_synapse", work / "dicom", bundle_out, exported["ckpt"], **TINY)
-    return {"hu": hu, "spacing": spacing, "series": series_uid, "app": app_out, "bundle": bundle_out}
+    return {
+        "hu": hu,
+        "spacing": spacing,
+        "series": series_uid,
+        "app": app_out,
+        "app_ort": ort_out,
+        "bundle": bundle_out,
+        "models": exported["ts"].parent,
+    }
 
 
 def test_app_writes_a_dicom_seg_naming_the_organs_and_referencing_the_series(run):
@@ -80,3 +93,10 @@ def test_app_nifti_is_on_the_series_grid_and_matches_the_bundle_inference(run):
     np.testing.assert_array_equal(app_labels, bundle_labels)
     sidecar = json.loads((run["app"] / f"{run['series']}_seg.json").read_text())
     assert list(sidecar["labels"].values()) == ["background", *ORGANS]
+
+
+def test_app_on_onnxruntime_writes_the_labels_of_the_torchscript_app(run):
+    name = f"{run['series']}_seg.nii.gz"
+    torch_labels = np.asarray(nib.load(run["app"] / name).dataobj)
+    np.testing.assert_array_equal(np.asarray(nib.load(run["app_ort"] / name).dataobj), torch_labels)
+    assert list(run["models"].glob("*-1x64x64.onnx")), "the ONNX graph is not cached next to the model"

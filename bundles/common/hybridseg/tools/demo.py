@@ -299,9 +299,7 @@ def contact_sheet(folder: Path, csv_file: Path, dest: Path, tile: int = 200, col
     cap = 22
     sheet = Image.new("RGB", (max(cols * tile, 420), rows * (tile + cap) + 28), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text(
-        (6, 6), "test overlays: ground truth outlined green, prediction red", fill="black", font=_font(14)
-    )
+    draw.text((6, 6), "test overlays: ground truth outlined green, prediction red", fill="black", font=_font(14))
     for i, f in enumerate(files):
         img = Image.open(f).convert("RGB")
         scale = tile / max(img.size)  # small overlays are enlarged (nearest: pixels stay visible)
@@ -426,12 +424,12 @@ def demo(
         f"synthetic data; {'side by side, ' + str(threads) + ' thread(s) each' if side_by_side else 'in turn'} =="
     )
     results: dict[str, dict] = {}
-    errors: list[BaseException] = []
+    errors: list[Exception | SystemExit] = []
 
     def work(name: str) -> None:
         try:
             results[name] = jobs[name](root / f"demo_{name}.log", threads)
-        except BaseException as e:  # reported after the other bundle finishes
+        except (Exception, SystemExit) as e:  # reported after the other bundle finishes
             errors.append(e)
 
     if side_by_side:
