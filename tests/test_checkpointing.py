@@ -1,6 +1,6 @@
-"""Checkpoint handlers: atomic saves that survive a crash mid-save, the stop on a non-finite loss, and
-loading that accepts only state dicts (MONAI SupervisedTrainer on a one-layer network, so each test is
-well under a second apart from the one that kills a child process)."""
+"""Training persistence (hybridseg.checkpointing): atomic saves that survive a crash mid-save, the stop on a
+non-finite loss, and loading that accepts only state dicts (MONAI SupervisedTrainer on a one-layer network,
+so each test is well under a second apart from the one that kills a child process)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from hybridseg.handlers import (
+from hybridseg.checkpointing import (
     AtomicCheckpointSaver,
     NonFiniteLossError,
     StopOnNonFiniteLoss,
     attach_resume,
     training_state,
 )
-from hybridseg.io import InputDataError, load_state_checkpoint
+from hybridseg.io import InputDataError
+from hybridseg.weights import load_state_checkpoint
 from tests.reference import REPO_ROOT
 
 
@@ -62,7 +63,7 @@ def test_checkpoint_every_n_iterations_holds_the_full_training_state(tmp_path):
     seen = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(_iteration(saver.path)))
     trainer.run()
-    # saved at 2 and 4 (every 2), then at the epoch end (5); completion at 5 is not written twice
+    # saved at 2 and 4 (every 2), then when training completes (5)
     assert seen == [None, 2, 2, 4, 4]
     ck = load_state_checkpoint(saver.path, ["model", "optimizer", "lr_scheduler", "trainer"])
     assert ck["trainer"]["iteration"] == 5 and set(ck["model"]) == {"weight", "bias"}
@@ -97,7 +98,7 @@ def test_a_failing_write_during_save_keeps_the_previous_checkpoint(tmp_path, mon
 
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
-from hybridseg.handlers import AtomicCheckpointSaver
+from hybridseg.checkpointing import AtomicCheckpointSaver
 net = torch.nn.Linear(4, 4)
 saver = AtomicCheckpointSaver(sys.argv[1], {"model": net}, filename="model.pt")
 real_save = torch.save
@@ -204,18 +205,6 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     assert trainer.state.iteration == 2
 
 
-def test_every_torch_load_in_the_package_uses_weights_only():
-    """Unpickling arbitrary objects runs code: the package must never call torch.load without it."""
-    offenders = []
-    for f in (REPO_ROOT / "bundles").rglob("*.py"):
-        text = f.read_text(encoding="utf-8")
-        for m in re.finditer(r"torch\.load\(", text):
-            call = text[m.start() : text.find(")", text.find("\n", m.start())) + 1]
-            if "weights_only=True" not in text[m.start() : m.start() + 300]:
-                offenders.append(f"{f.relative_to(REPO_ROOT)}: {call.strip()[:80]}")
-    assert not offenders, offenders
-
-
 def test_fp16_amp_training_state_includes_the_gradient_scaler(tmp_path):
     from monai.data import DataLoader
     from monai.engines import SupervisedTrainer
@@ -241,3 +230,80 @@ def test_fp16_amp_training_state_includes_the_gradient_scaler(tmp_path):
     assert saved == trainer.scaler.state_dict()
     _, plain = _trainer(_images(1))
     assert "scaler" not in plain  # fp32 / bf16 runs have no scaler to save
+
+
+def _count_saves(saver: AtomicCheckpointSaver, trainer, log: list) -> None:
+    real = saver.save
+
+    def save():
+        log.append(int(trainer.state.iteration))
+        real()
+
+    saver.save = save
+
+
+def test_the_state_is_saved_at_the_end_not_after_every_short_epoch(tmp_path):
+    trainer, state = _trainer(_images(2), max_epochs=3)
+    saver = AtomicCheckpointSaver(tmp_path, state)
+    saves: list[int] = []
+    _count_saves(saver, trainer, saves)
+    saver.attach(trainer)
+    trainer.run()
+    assert saves == [6]
+
+
+def test_an_interval_save_on_an_epoch_s_last_iteration_waits_for_the_validation(tmp_path):
+    trainer, state = _trainer(_images(2), max_epochs=2)
+    events: list[str] = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: events.append(f"validate {e.state.epoch}"))
+    saver = AtomicCheckpointSaver(tmp_path, state, every_n_iterations=2)
+    real = saver.save
+    saver.save = lambda: (events.append(f"save {trainer.state.iteration}"), real())
+    saver.attach(trainer)
+    trainer.run()
+    assert events == ["validate 1", "save 2", "validate 2", "save 4"]
+
+
+def test_the_state_is_saved_every_n_seconds(tmp_path, monkeypatch):
+    import hybridseg.checkpointing as ckpt
+
+    now = [0.0]
+    monkeypatch.setattr(ckpt, "monotonic", lambda: now[0])
+    trainer, state = _trainer(_images(7))
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: now.__setitem__(0, now[0] + 7.0))
+    saver = AtomicCheckpointSaver(tmp_path, state, every_secs=20)
+    saves: list[int] = []
+    _count_saves(saver, trainer, saves)
+    saver.attach(trainer)
+    trainer.run()
+    assert saves == [3, 6, 7]  # 21 s after the start, 21 s after that save, then the end
+
+
+@pytest.mark.parametrize("sig, raised", [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+def test_an_interrupted_run_saves_its_iteration_then_stops_and_resumes_there(tmp_path, sig, raised):
+    before = signal.getsignal(sig)
+    trainer, state = _trainer(_images(5))
+    saver = AtomicCheckpointSaver(tmp_path, state, every_n_iterations=100)
+    saver.attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: os.kill(os.getpid(), sig))
+    with pytest.raises(raised) as info:
+        trainer.run()
+    if raised is SystemExit:
+        assert info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(sig) is before, "the run's signal handler outlived it"
+    assert _iteration(saver.path) == 3
+    again, state2 = _trainer(_images(5))
+    attach_resume(again, saver.path, state2)
+    AtomicCheckpointSaver(tmp_path, state2).attach(again)
+    again.run()
+    assert again.state.iteration == 5 and _iteration(saver.path) == 5
+
+
+def test_a_failed_run_gives_back_the_signal_handlers(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    guard = StopOnNonFiniteLoss()
+    trainer, state = _trainer(_images(3, bad=1), handlers=[guard])
+    AtomicCheckpointSaver(tmp_path, state).attach(trainer)
+    with pytest.raises(NonFiniteLossError):
+        trainer.run()
+    assert signal.getsignal(signal.SIGINT) is before
