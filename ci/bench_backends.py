@@ -125,7 +125,7 @@ def bench_bundle(bundle: str, args: argparse.Namespace, work: Path) -> list[dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundles", nargs="+", default=["cfformer_busi", "braunetpp_synapse"])
+    p.add_argument("--bundles", nargs="+", default=["braunetpp_synapse", "cfformer_busi"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--n_test", type=int, default=4, help="generated inputs timed (images; volumes: use 1)")
@@ -142,19 +142,24 @@ def main() -> None:
     load = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for bundle in args.bundles:
+        for bundle in args.bundles:  # each bundle's rows printed (and written) as soon as they are measured
             n_test = args.n_test if bundle == "cfformer_busi" else 1
             rows += bench_bundle(bundle, argparse.Namespace(**{**vars(args), "n_test": n_test}), Path(tmp) / bundle)
-    print(f"\n{args.threads} threads, {args.reps} reps, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
+            print(f"\n{args.threads} threads, {args.reps} reps, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
+            _table(rows)
+            if args.out:
+                Path(args.out).write_text(json.dumps(rows, indent=4) + "\n")
+
+
+def _table(rows: list[dict]) -> None:
     print("| bundle | backend | per | median s (min-max) | x fp32 eager (paired) | first call s | agreement |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['bundle']} | {r['backend']} | {r['unit']} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) "
-            f"| {r['x_fp32_eager_paired']:.2f} | {r['first_call_s']:.1f} | {100 * r['agreement']:.2f} % |"
+            f"| {r['x_fp32_eager_paired']:.2f} | {r['first_call_s']:.1f} | {100 * r['agreement']:.2f} % |",
+            flush=True,
         )
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=4) + "\n")
 
 
 if __name__ == "__main__":

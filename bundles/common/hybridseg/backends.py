@@ -89,7 +89,7 @@ class OnnxRuntimeNetwork:
     """A torch network's ONNX Runtime twin: float32 ``(N, C, H, W)`` -> logits ``(N, K, H, W)`` (float32).
 
     One session per input ``(C, H, W)``, exported (and for int8 quantised) on first use and cached in
-    ``cache_dir``; a new export is checked against the eager network on the input that caused it.
+    ``cache_dir``; a new export is checked against the eager network on random inputs of that size.
     ``calibration(shape)`` returns the network inputs of that shape to calibrate int8 on (None: the first
     input given). The weights are re-hashed only when a tensor of the network was written since.
     """
@@ -211,8 +211,11 @@ class OnnxRuntimeNetwork:
         return session
 
     def _check(self, session: Any, x: torch.Tensor, path: Path) -> None:
+        # on random inputs: images have flat regions whose tied routing scores (BRAU-Net++'s top-k) torch and
+        # onnxruntime may break differently, which tests tie-breaking, not the graph
+        x = torch.randn(min(2, x.shape[0]), *x.shape[1:], generator=torch.Generator().manual_seed(0)).to(x.device)
         ref = self._eager(x).numpy()
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().float().cpu().numpy()})
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.float().cpu().numpy()})
         diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
         if got.shape != ref.shape or diff > self.atol + self.rtol * scale:
             path.unlink(missing_ok=True)
