@@ -65,7 +65,7 @@ def bench_bundle(bundle: str, args: argparse.Namespace, work: Path) -> list[dict
     test_dir = _inputs(bundle, work / "test", args.n_test, 2, shape)
     cache = work / "models"
     inferers, images = {}, None
-    for backend, amp in BACKENDS:
+    for backend, amp in (b for b in BACKENDS if b[0] in args.backends):
         parser = bundle_parser(
             REPO / "bundles" / bundle,
             **overrides,
@@ -126,6 +126,7 @@ def bench_bundle(bundle: str, args: argparse.Namespace, work: Path) -> list[dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundles", nargs="+", default=["braunetpp_synapse", "cfformer_busi"])
+    p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime", "onnxruntime_int8"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--n_test", type=int, default=4, help="generated inputs timed (images; volumes: use 1)")

@@ -39,6 +39,9 @@ ONNX_OPSET = 18
 # Quantising only the convolutions and matmuls keeps softmax, normalisation and the additions in float32:
 # they cost little time and most of the int8 error (our choice).
 INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
+# Calibration runs an augmented graph that keeps every intermediate tensor: a slice batch of 24 at 224 x 224
+# took BRAU-Net++ past 4.6 GB, so calibration inputs are fed at most this many at a time.
+CALIBRATION_BATCH = 4
 
 
 def check_backend(backend: str) -> str:
@@ -74,9 +77,11 @@ class _Calibration:
     def __init__(self, batches: Sequence[np.ndarray]) -> None:
         from onnxruntime.quantization import CalibrationDataReader
 
+        chunks = [b[i : i + CALIBRATION_BATCH] for b in batches for i in range(0, len(b), CALIBRATION_BATCH)]
+
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
-                self.it = iter(batches)
+                self.it = iter(chunks)
 
             def get_next(self) -> dict[str, np.ndarray] | None:
                 b = next(self.it, None)

@@ -70,6 +70,13 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
         self._inferer = BackendInferer(inner, self.backend, cache_dir=Path(self.bundle_path).parent)
         LOG.info("inference backend: %s", self.backend)
 
+    def predict(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.backend == "torch":
+            return super().predict(data, *args, **kwargs)
+        # the SDK's TorchScriptModel holds the loaded module as ``predictor``: ONNX export needs the module
+        network = getattr(self._model_network, "predictor", self._model_network)
+        return self._inferer(data, network, *args, **kwargs)
+
     def _get_compose(self, obj_name, disallowed_prefixes):
         # Filter pre- and postprocessing together, before either is built: editing the config later makes
         # the parser rebuild "@preprocessing", and Invertd then refuses the new Resize (another object).
