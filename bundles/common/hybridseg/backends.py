@@ -156,16 +156,25 @@ class OnnxRuntimeNetwork:
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    self.network,
-                    (example,),
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=ONNX_OPSET,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-                )
+                try:
+                    torch.onnx.export(
+                        self.network,
+                        (example,),
+                        str(tmp),
+                        dynamo=False,
+                        opset_version=ONNX_OPSET,
+                        input_names=[INPUT_NAME],
+                        output_names=[OUTPUT_NAME],
+                        dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+                    )
+                except Exception as e:
+                    if isinstance(self.network, torch.jit.ScriptModule):
+                        raise RuntimeError(
+                            "a scripted TorchScript network does not export to ONNX (its graph keeps Python control "
+                            "flow); for the onnxruntime backends export the bundle traced: ckpt_export --use_trace "
+                            f"True ({type(e).__name__}: {str(e)[:200]})"
+                        ) from e
+                    raise
         finally:
             self.network.train(was_training)
 

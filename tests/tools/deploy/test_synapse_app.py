@@ -18,12 +18,6 @@ TINY = {"image_size": [64, 64], "n_win": 4, "sw_batch_size": 8, "amp": False}
 ORGANS = ["aorta", "gallbladder", "left kidney", "right kidney", "liver", "pancreas", "spleen", "stomach"]
 
 
-def _deploy_has_onnxruntime() -> bool:
-    import subprocess
-
-    return subprocess.run([str(deploy_python()), "-c", "import onnxruntime"], capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One generated CT series, one tiny exported network; the app's and the bundle's outputs."""
@@ -37,27 +31,9 @@ def run(tmp_path_factory):
     app_out = work / "app_out"
     app_out.mkdir()
     run_app("hybridseg.tools.deploy.synapse_app", work / "dicom", exported["ts"], app_out)
-    ort_out = work / "app_ort_out"
-    ort_out.mkdir()
-    if _deploy_has_onnxruntime():
-        run_app(
-            "hybridseg.tools.deploy.synapse_app",
-            work / "dicom",
-            exported["ts"],
-            ort_out,
-            HYBRIDSEG_BACKEND="onnxruntime",
-        )
     bundle_out = work / "bundle_out"
     infer("braunetpp_synapse", work / "dicom", bundle_out, exported["ckpt"], **TINY)
-    return {
-        "hu": hu,
-        "spacing": spacing,
-        "series": series_uid,
-        "app": app_out,
-        "app_ort": ort_out,
-        "bundle": bundle_out,
-        "models": exported["ts"].parent,
-    }
+    return {"hu": hu, "spacing": spacing, "series": series_uid, "app": app_out, "bundle": bundle_out}
 
 
 def test_app_writes_a_dicom_seg_naming_the_organs_and_referencing_the_series(run):
@@ -104,12 +80,3 @@ def test_app_nifti_is_on_the_series_grid_and_matches_the_bundle_inference(run):
     np.testing.assert_array_equal(app_labels, bundle_labels)
     sidecar = json.loads((run["app"] / f"{run['series']}_seg.json").read_text())
     assert list(sidecar["labels"].values()) == ["background", *ORGANS]
-
-
-def test_app_on_onnxruntime_writes_the_labels_of_the_torchscript_app(run):
-    if not _deploy_has_onnxruntime():
-        pytest.skip("onnxruntime is not in the Deploy environment: rebuild it with `bash ci/deploy_env.sh`")
-    name = f"{run['series']}_seg.nii.gz"
-    torch_labels = np.asarray(nib.load(run["app"] / name).dataobj)
-    np.testing.assert_array_equal(np.asarray(nib.load(run["app_ort"] / name).dataobj), torch_labels)
-    assert list(run["models"].glob("*-1x64x64.onnx")), "the ONNX graph is not cached next to the model"
