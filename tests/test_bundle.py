@@ -39,3 +39,24 @@ def test_warmup_then_poly_schedule():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(130) == 0.0
     assert f(70) == pytest.approx(0.5**0.9)
+
+
+@pytest.mark.parametrize("bundle", ["cfformer_busi", "braunetpp_synapse"])
+def test_quick_recipe_states_a_budget_of_at_most_ten_minutes_that_the_trainer_enforces(bundle):
+    from monai.bundle import ConfigParser
+
+    configs = REPO_ROOT / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "quick.json")])
+    assert 0 < parser["max_train_seconds"] <= 600
+    budget = [h for h in parser["train#handlers"] if h.get("_target_") == "hybridseg.checkpointing.TrainingTimeBudget"]
+    assert budget == [
+        {
+            "_target_": "hybridseg.checkpointing.TrainingTimeBudget",
+            "seconds": "@max_train_seconds",
+            "validator": "@validate#evaluator",
+        }
+    ]
+    full = ConfigParser()
+    full.read_config(str(configs / "train.json"))
+    assert full["max_train_seconds"] is None  # the papers' recipes have no time limit

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import Resize
 
 from hybridseg.io import atomic_write_text
 from hybridseg.metrics import MetricRecord, binary_case_metrics, label_volume_metrics, summarize
@@ -21,7 +22,21 @@ from hybridseg.transforms import output_stem, overlay_rgb, write_png
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ("case", "class_id", "class_name", "protocol", "dice", "iou", "hd95", "hd95_unit", "hd95_method", "status")
+CSV_FIELDS = (
+    "case",
+    "class_id",
+    "class_name",
+    "protocol",
+    "grid",
+    "dice",
+    "iou",
+    "hd95",
+    "hd95_unit",
+    "hd95_method",
+    "status",
+)
+#: ``grid`` of metrics measured on the image's own (original) grid
+ORIGINAL_GRID = "original"
 
 
 def _np(x: Any) -> np.ndarray:
@@ -56,6 +71,12 @@ class SegmentationReport:
     ``mode="binary"``: ``pred``/``label`` are ``(1, H, W)`` masks (BUSI, protocol ``busi``).
     ``mode="labels"``: ``pred``/``label`` are ``(1, *spatial)`` label maps (Synapse; protocols ``paper``
     and ``physical``, spacing read from the label's affine).
+    ``grid_key`` (binary mode): the output item holding the prediction on the network's grid (e.g. 224 x 224,
+    before it is resized back). Each case is then scored twice, each named in the ``grid`` column: on its
+    original grid (``original``) and on the network grid (``224x224``: the label resized there with nearest
+    neighbour, as training resizes labels), reported as ``<protocol>`` and ``<protocol>_grid``
+    (``summary_<protocol>_grid.json``). HD95 in pixels scales with the grid, so the two differ by about the
+    resize factor.
     Under DDP every rank computes its own cases; rank 0 gathers and writes.
     """
 
@@ -71,6 +92,7 @@ class SegmentationReport:
         case_key: str | None = None,
         n_overlays: int = 4,
         overlay_from_file: bool = False,
+        grid_key: str | None = None,
     ) -> None:
         if mode not in ("binary", "labels"):
             raise ValueError(f"mode must be 'binary' or 'labels', got {mode!r}")
@@ -81,6 +103,10 @@ class SegmentationReport:
         self.pred_key, self.label_key, self.image_key, self.case_key = (pred_key, label_key, image_key, case_key)
         self.n_overlays = n_overlays
         self.overlay_from_file = overlay_from_file
+        if grid_key is not None and mode != "binary":
+            raise ValueError("grid_key (metrics on the network grid) is for mode='binary'")
+        self.grid_key = grid_key
+        self.grids: dict[str, str] = {}
         self.rows: list[dict[str, Any]] = []
         self.records: dict[str, list[MetricRecord]] = {}
         self.summaries: dict[str, dict[str, Any]] = {}
@@ -95,6 +121,7 @@ class SegmentationReport:
 
     def reset(self, engine: Any = None) -> None:
         self.rows, self.records, self.summaries, self._n_cases = [], {p: [] for p in self.protocols}, {}, 0
+        self.grids = {}
 
     def _case_name(self, item: Mapping[str, Any]) -> str:
         if self.case_key and self.case_key in item:
@@ -103,8 +130,8 @@ class SegmentationReport:
         name = meta.get("filename_or_obj")
         return output_stem(name) if name else f"case{self._n_cases:04d}"
 
-    def add_case(self, case: str, pred: Any, label: Any, image: Any = None) -> None:
-        """Score one case (also usable without an engine)."""
+    def add_case(self, case: str, pred: Any, label: Any, image: Any = None, grid_pred: Any = None) -> None:
+        """Score one case (also usable without an engine); ``grid_pred``: the prediction on the network grid."""
         p, g = _np(pred), _np(label)
         if p.shape != g.shape:
             raise ValueError(f"case {case}: prediction shape {p.shape} differs from label shape {g.shape}")
@@ -121,25 +148,36 @@ class SegmentationReport:
                     protocol,
                     spacing,  # type: ignore[arg-type]
                 )
-            self.records.setdefault(protocol, []).extend(recs)
-            for r in recs:
-                self.rows.append(
-                    {
-                        "case": case,
-                        "class_id": r.class_id,
-                        "class_name": self.class_names.get(r.class_id, ""),
-                        "protocol": r.protocol,
-                        "dice": r.dice,
-                        "iou": r.iou,
-                        "hd95": r.hd95,
-                        "hd95_unit": r.hd95_unit,
-                        "hd95_method": r.hd95_method,
-                        "status": r.status,
-                    }
-                )
+            self._add(case, protocol, ORIGINAL_GRID, recs)
+            if grid_pred is not None:
+                gp = _np(grid_pred)
+                gp = gp.reshape(gp.shape[1:]) if gp.shape[0] == 1 else gp
+                gg = _np(Resize(spatial_size=gp.shape, mode="nearest")(g[None].astype(np.float32)))[0]
+                grid = "x".join(str(n) for n in gp.shape)
+                self._add(case, f"{protocol}_grid", grid, [binary_case_metrics(gp > 0.5, gg > 0.5, protocol)])
         if self._n_cases < self.n_overlays:
             self._overlay(case, p, g, image)
         self._n_cases += 1
+
+    def _add(self, case: str, name: str, grid: str, recs: list[MetricRecord]) -> None:
+        self.records.setdefault(name, []).extend(recs)
+        self.grids[name] = grid
+        for r in recs:
+            self.rows.append(
+                {
+                    "case": case,
+                    "class_id": r.class_id,
+                    "class_name": self.class_names.get(r.class_id, ""),
+                    "protocol": r.protocol,
+                    "grid": grid,
+                    "dice": r.dice,
+                    "iou": r.iou,
+                    "hd95": r.hd95,
+                    "hd95_unit": r.hd95_unit,
+                    "hd95_method": r.hd95_method,
+                    "status": r.status,
+                }
+            )
 
     def iteration_completed(self, engine: Any) -> None:
         output, batch = engine.state.output, engine.state.batch
@@ -149,7 +187,11 @@ class SegmentationReport:
             # MONAI keeps datalist fields such as "case" in the batch, predictions in the output
             merged = {**data, **item} if isinstance(data, Mapping) else item
             self.add_case(
-                self._case_name(merged), merged[self.pred_key], merged[self.label_key], merged.get(self.image_key)
+                self._case_name(merged),
+                merged[self.pred_key],
+                merged[self.label_key],
+                merged.get(self.image_key),
+                merged.get(self.grid_key) if self.grid_key else None,
             )
 
     def _overlay(self, case: str, p: np.ndarray, g: np.ndarray, image: Any) -> None:
@@ -175,12 +217,13 @@ class SegmentationReport:
             return
         world = torch.distributed.get_world_size()
         gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, (self.rows, self.records))
-        self.rows = [r for rows, _ in gathered for r in rows]
+        torch.distributed.all_gather_object(gathered, (self.rows, self.records, self.grids))
+        self.rows = [r for rows, _, _ in gathered for r in rows]
         merged: dict[str, list[MetricRecord]] = {}
-        for _, recs in gathered:
+        for _, recs, grids in gathered:
             for k, v in recs.items():
                 merged.setdefault(k, []).extend(v)
+            self.grids.update(grids)
         self.records = merged
 
     def epoch_completed(self, engine: Any = None) -> None:
@@ -188,7 +231,11 @@ class SegmentationReport:
         rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
             torch.distributed.get_rank() == 0
         )
-        self.summaries = {p: summarize(recs, class_names=self.class_names) for p, recs in self.records.items() if recs}
+        self.summaries = {
+            p: {**summarize(recs, class_names=self.class_names), "grid": self.grids.get(p, ORIGINAL_GRID)}
+            for p, recs in self.records.items()
+            if recs
+        }
         if not rank0:
             return
         self.write()
@@ -208,15 +255,15 @@ class SegmentationReport:
         logger.info("segmentation report (%d cases) in %s\n%s", self._n_cases, self.output_dir, table)
 
     def table(self) -> str:
-        """One row per protocol: mean Dice, mean HD95 (unit), then each class's mean Dice."""
+        """One row per protocol and grid: mean Dice, mean HD95 (unit), then each class's mean Dice."""
         ids = sorted(self.class_names)
-        head = ["protocol", "cases", "Dice", "HD95", "HD95 unit"] + [self.class_names[i] for i in ids]
+        head = ["protocol", "grid", "cases", "Dice", "HD95", "HD95 unit"] + [self.class_names[i] for i in ids]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for p, s in self.summaries.items():
+        for s in self.summaries.values():
             over = s["over_classes"]
             hd = over.get("hd95", {}).get("mean", math.nan)
             n_cases = max((e["n_cases"] for e in s["per_class"].values()), default=0)
-            cells = [p, str(n_cases), f"{over['dice']['mean']:.4f}", f"{hd:.2f}", s["hd95_unit"]]
+            cells = [s["protocol"], s["grid"], str(n_cases), f"{over['dice']['mean']:.4f}", f"{hd:.2f}", s["hd95_unit"]]
             cells += [f"{s['per_class'][i]['dice']['mean']:.4f}" if i in s["per_class"] else "" for i in ids]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
