@@ -150,6 +150,53 @@ def test_inference_reads_a_dicom_series_folder_and_writes_its_grid(trained, syna
     assert json.loads((out / "series1_seg.json").read_text())["source"].endswith("series1")
 
 
+@pytest.mark.slow
+def test_inference_on_onnxruntime_writes_the_labels_of_eager_torch(trained, synapse_dir, tmp_path):
+    src = sorted((synapse_dir / "img").glob("*.nii.gz"))[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / src.name).write_bytes(src.read_bytes())
+    ckpt = trained / "models" / "model.pt"
+    labels = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        infer(FILES["bundle"], tmp_path / "in", out, ckpt, image_size=[64, 64], n_win=4, amp=False, backend=backend)
+        labels[backend] = np.asarray(nib.load(out / src.name.replace(".nii.gz", "_seg.nii.gz")).dataobj)
+    np.testing.assert_array_equal(labels["onnxruntime"], labels["torch"])
+    # the exported graph is cached next to the checkpoint, for the size the network ran at
+    assert [p.name.split("-")[-1] for p in ckpt.parent.glob("braunetpp-*.onnx")] == ["1x64x64.onnx"]
+
+
+@pytest.mark.slow
+def test_evaluation_on_int8_calibrates_on_training_volumes_and_reports_metrics(trained, synapse_dir, tmp_path):
+    from tests.bundles.conftest import run_workflow
+
+    common = {**TINY, "dataset_dir": str(synapse_dir), "ckpt_dir": str(trained / "models")}
+    run_workflow(
+        "train",
+        [FILES["train"], FILES["evaluate"]],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        output_dir=str(tmp_path / "int8"),
+        backend="onnxruntime_int8",
+        num_calibration=2,
+        **common,
+    )
+    assert list((trained / "models").glob("braunetpp-*-1x64x64-int8.onnx"))
+    ours = json.loads((tmp_path / "int8" / "summary_paper.json").read_text())["over_classes"]["dice"]["mean"]
+    eager = json.loads((trained / "test_eval" / "summary_paper.json").read_text())["over_classes"]["dice"]["mean"]
+    assert abs(ours - eager) < 0.05, f"int8 mean Dice {ours:.3f} vs eager {eager:.3f}"
+
+
+def test_unknown_backend_fails_naming_the_choices(trained, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4)), str(src / "ct.nii.gz"))
+    with pytest.raises(Exception) as info:
+        infer(FILES["bundle"], src, tmp_path / "out", trained / "models" / "model.pt", backend="tensorrt")
+    assert "unknown inference backend 'tensorrt'" in error_text(info.value)
+    assert "torch, onnxruntime, onnxruntime_int8" in error_text(info.value)
+
+
 def test_unet_baseline_trains_evaluates_and_infers_with_the_same_data_and_reports(synapse_dir, tmp_path):
     """``network_name unet``: MONAI's BasicUNet through the same train / evaluate / inference configs; the
     BiFormer weights path is not applied to it (a missing file would otherwise stop the run)."""
