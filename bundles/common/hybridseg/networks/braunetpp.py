@@ -1,7 +1,7 @@
 """BRAU-Net++ (Lan et al., 2024): a U-shaped hybrid CNN-Transformer built from bi-level routing attention.
 
 The network that the official code (``Caipengzhou/BRAU-Netplusplus``) actually runs, Synapse
-configuration by default (``/work/shared/spec/braunetpp.md``): 50,763,648 parameters with SCCSA,
+configuration by default (facts and sources: ``docs/networks.md``): 50,763,648 parameters with SCCSA,
 31,403,328 without. The official model also builds a bottleneck stage (``stages.3``) that its forward
 never calls; it is not built here, and :func:`convert_official_state_dict` drops its weights.
 

@@ -1,6 +1,6 @@
 """CFFormer: ResNet34 and Swin-V2 encoders exchanging features at four stages (CFCA + XFF), U-Net decoder.
 
-Built as published (the authors' code, see ``shared/spec/cfformer.md``): at every stage k the two
+Built as published (the authors' code; facts and sources: ``docs/networks.md``): at every stage k the two
 branches run side by side, CFCA swaps channel information between them, both fused tensors feed the
 next stage of their own branch, and XFF fuses them spatially into the decoder's skip k (with the
 transformer's channel count). Tensors are NCHW except inside the Swin stages (NHWC).
