@@ -149,3 +149,14 @@ def test_inference_reads_a_dicom_series_folder_and_writes_its_grid(trained, syna
     seg = nib.load(out / "series1_seg.nii.gz")
     assert seg.shape == ct.shape
     assert json.loads((out / "series1_seg.json").read_text())["source"].endswith("series1")
+
+
+@pytest.mark.parametrize("side, n_win, shift", [(224, 7, 44.8), (96, 3, 19.2), (256, 8, 51.2)])
+def test_n_win_and_translation_follow_image_size(side, n_win, shift):
+    """n_win = side / 32 (the published 224 / 7) and the augmentation's translation is 20 % of the side."""
+    parser = train_config("braunetpp_synapse", image_size=[side, side])
+    assert parser.get_parsed_content("n_win") == n_win
+    translate = [t for t in parser.get("train#random_transforms")[-2]["transforms"] if "translate_range" in t]
+    parser.update({"translate_probe": translate[0]["translate_range"]})
+    assert parser.get_parsed_content("translate_probe") == [shift, shift]
+    assert tuple(parser.get_parsed_content("hu_window")) == (-125, 275)

@@ -135,3 +135,10 @@ def test_one_training_epoch_lowers_the_loss(busi_dir, tmp_path):
     parser.get_parsed_content("train#trainer").run()
     after = mean_loss()
     assert after < before, f"loss did not drop: {before:.4f} -> {after:.4f}"
+
+
+def test_config_derives_nothing_by_hand_imagenet_statistics_come_from_the_runtime():
+    parser = train_config("cfformer_busi", dataset_dir="/nowhere")
+    norm = parser.get_parsed_content("network_input_transforms")[-1]
+    assert tuple(norm.normalizer.subtrahend) == (0.485, 0.456, 0.406)
+    assert tuple(norm.normalizer.divisor) == (0.229, 0.224, 0.225)

@@ -53,6 +53,12 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a ``torch.distributed`` job (the rank that logs and writes)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def collect_inputs(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     suffixes: Sequence[str],

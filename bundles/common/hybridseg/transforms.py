@@ -16,6 +16,9 @@ from monai.transforms import MapTransform
 
 from hybridseg.io import InputDataError, atomic_path
 
+# torchvision's ImageNet statistics, which both CFFormer backbones were pretrained with (RGB order).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + NIFTI_SUFFIXES
 IMAGE_2D_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # Pillow's names for the non-NIfTI suffixes above
