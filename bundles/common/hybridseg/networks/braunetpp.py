@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from hybridseg.networks.bra import DEFAULT_KV_CHUNK_BYTES, BiLevelRoutingAttenti
 
 __all__ = [
     "BRAUNetPP",
+    "braunetpp",
     "BRAUBlock",
     "BiLevelRoutingAttention",
     "SCCSA",
@@ -345,6 +347,14 @@ class BRAUNetPP(nn.Module):
         x = self.final_expand(self.norm_up(x))
         # The 1x1 head conv as a per-pixel Linear on NHWC; its NCHW view is channels-last memory.
         return F.linear(x, self.head.weight.flatten(1)).permute(0, 3, 1, 2)
+
+
+def braunetpp(in_channels: int = 1, num_classes: int = 9, n_win: int = 7, **kwargs: Any) -> BRAUNetPP:
+    """BRAU-Net++ as published for Synapse (50.76 M parameters); ``n_win`` = image side / 32 (7 at 224).
+
+    The encoder fits BiFormer-base ImageNet weights (``biformer_base_best.pth``, :func:`load_biformer_weights`).
+    """
+    return BRAUNetPP(in_channels, num_classes, n_win, **kwargs)
 
 
 def _linspace(end: float, n: int) -> list[float]:

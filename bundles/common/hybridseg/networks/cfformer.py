@@ -5,7 +5,9 @@ branches run side by side, CFCA swaps channel information between them, both fus
 next stage of their own branch, and XFF fuses them spatially into the decoder's skip k (with the
 transformer's channel count). Tensors are NCHW except inside the Swin stages (NHWC).
 
-Variants: ``s`` = ResNet34 + Swin-V2-T, ``b`` (default) = ResNet34 + Swin-V2-S, ``l`` = ResNet34 + Swin-V2-B.
+Variants: ``s`` = ResNet34 + Swin-V2-T, ``b`` (default) = ResNet34 + Swin-V2-S, ``l`` = ResNet34 + Swin-V2-B;
+built by :func:`cfformer_s`, :func:`cfformer_b`, :func:`cfformer_l` (the model's ``variant`` and ``swin_name``
+say which ImageNet Swin-V2 file fits it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +233,7 @@ class CFFormer(nn.Module):
         if in_channels < 1 or num_classes < 1:
             raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
         self.variant, self.in_channels, self.num_classes = variant, in_channels, num_classes
+        self.swin_name = VARIANTS[variant]  # the torchvision ImageNet Swin-V2 model this variant is built on
         self.encoder = CFFormerEncoder(VARIANTS[variant], in_channels, stochastic_depth_prob)
         self.decoder = CFFormerDecoder(self.encoder.skip_channels)
         self.head = SegmentationHead(STEM_CHANNELS, num_classes)
@@ -249,6 +253,31 @@ class CFFormer(nn.Module):
         # Swin branch's native NHWC layout, so the hand-overs between the branches are free views.
         x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.decoder(self.encoder(x))).contiguous()
+
+
+def cfformer_s(in_channels: int = 3, num_classes: int = 1, **kwargs: Any) -> CFFormer:
+    """CFFormer-S: ResNet34 + Swin-V2-T (ImageNet files ``resnet34`` and ``swin_v2_t``), 98.3 M parameters."""
+    return CFFormer("s", in_channels, num_classes, **kwargs)
+
+
+def cfformer_b(in_channels: int = 3, num_classes: int = 1, **kwargs: Any) -> CFFormer:
+    """CFFormer-B (the paper's default): ResNet34 + Swin-V2-S (``resnet34``, ``swin_v2_s``), 119.7 M parameters."""
+    return CFFormer("b", in_channels, num_classes, **kwargs)
+
+
+def cfformer_l(in_channels: int = 3, num_classes: int = 1, **kwargs: Any) -> CFFormer:
+    """CFFormer-L: ResNet34 + Swin-V2-B (ImageNet files ``resnet34`` and ``swin_v2_b``), 184.8 M parameters."""
+    return CFFormer("l", in_channels, num_classes, **kwargs)
+
+
+BUILDERS: dict[str, Callable[..., CFFormer]] = {"s": cfformer_s, "b": cfformer_b, "l": cfformer_l}
+
+
+def builder(variant: str) -> Callable[..., CFFormer]:
+    """The builder of a published variant (``s``, ``b`` or ``l``), e.g. a config's ``network_def`` target."""
+    if variant not in BUILDERS:
+        raise ValueError(f"unknown CFFormer variant {variant!r}; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[variant]
 
 
 # --- reference (U-Bench / authors' code) state dicts -------------------------------------------------
