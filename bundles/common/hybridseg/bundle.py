@@ -1,4 +1,4 @@
-"""Helpers the bundle configs call: bundle location, device, inference inputs, LR schedules, log files."""
+"""Helpers the bundle configs call: bundle location, device and rank, inference inputs, log files, weights."""
 
 from __future__ import annotations
 
@@ -121,26 +121,6 @@ def collect_inputs(
         for f in files:
             reader(f)
     return [{"image": str(f)} for f in files]
-
-
-def warmup_poly_lambda(total: int, warmup: int = 0, power: float = 0.9):
-    """LR factor for step ``t``: linear warm-up over ``warmup`` steps, then ``(1 - t'/T')**power`` poly decay
-    over the remaining steps (the recipe of both papers; steps are epochs or iterations)."""
-
-    def factor(t: int) -> float:
-        if warmup > 0 and t < warmup:
-            return (t + 1) / warmup
-        span = max(1, total - warmup)
-        return max(0.0, 1.0 - (t - warmup) / span) ** power
-
-    return factor
-
-
-def warmup_poly_scheduler(
-    optimizer: torch.optim.Optimizer, total: int, warmup: int = 0, power: float = 0.9
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR with :func:`warmup_poly_lambda`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly_lambda(total, warmup, power))
 
 
 _FILE_HANDLERS: list = []

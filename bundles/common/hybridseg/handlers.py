@@ -1,4 +1,5 @@
-"""Ignite handlers for the bundles' evaluation: per-case metric reports under named protocols."""
+"""Ignite handlers for the bundles: the evaluation report (per-case table, summaries, overlays) built on MONAI's
+metric handlers, and training persistence (atomic checkpoints, resume, a stop on non-finite loss)."""
 
 from __future__ import annotations
 
@@ -14,29 +15,49 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Events
+from monai.handlers import IgniteMetricHandler, from_engine
 
+from hybridseg.bundle import is_main_process
 from hybridseg.io import atomic_write_text
-from hybridseg.metrics import MetricRecord, binary_case_metrics, label_volume_metrics, summarize
-from hybridseg.transforms import output_stem, overlay_rgb, write_png
+from hybridseg.metrics import MetricRecord, SegmentationProtocolMetric, mask_status, summarize
+from hybridseg.transforms import output_stem, overlay_rgb, read_2d, write_png
 
 logger = logging.getLogger(__name__)
 
 CSV_FIELDS = ("case", "class_id", "class_name", "protocol", "dice", "iou", "hd95", "hd95_unit", "hd95_method", "status")
+#: The metrics each protocol defines (the paper protocol has no IoU).
+PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {
+    "paper": ("dice", "hd95"),
+    "physical": ("dice", "iou", "hd95"),
+    "busi": ("dice", "iou", "hd95"),
+}
+
+
+def protocol_metric_handlers(
+    num_classes: int, protocols: Sequence[str], output_transform: Any = None
+) -> dict[str, IgniteMetricHandler]:
+    """MONAI metric handlers ``{"<protocol>_<metric>": IgniteMetricHandler}`` for every metric of each protocol.
+
+    Each wraps :class:`~hybridseg.metrics.SegmentationProtocolMetric` (mean over classes, NaN skipped) and
+    saves its per-case, per-class table in ``engine.state.metric_details`` (all-gathered under DDP), where
+    MONAI's ``MetricsSaver`` and :class:`SegmentationReport` read it. Pass them as an evaluator's
+    ``additional_metrics``.
+    """
+    transform = output_transform or from_engine(["pred", "label"])
+    return {
+        f"{protocol}_{metric}": IgniteMetricHandler(
+            SegmentationProtocolMetric(num_classes, protocol, metric),  # type: ignore[arg-type]
+            output_transform=transform,
+            save_details=True,
+        )
+        for protocol in protocols
+        for metric in PROTOCOL_METRICS[protocol]
+    }
 
 
 def _np(x: Any) -> np.ndarray:
     return np.asarray(torch.as_tensor(x).detach().cpu())
-
-
-def _spacing(x: Any, ndim: int) -> tuple[float, ...] | None:
-    """Voxel spacing per array axis from a MetaTensor's affine (column norms), None without one."""
-    affine = getattr(x, "affine", None)
-    if affine is None:
-        return None
-    a = _np(affine).astype(np.float64)
-    if a.ndim == 3:
-        a = a[0]
-    return tuple(float(v) for v in np.sqrt((a[:ndim, :ndim] ** 2).sum(axis=0)))
 
 
 def _fmt(v: float | None) -> str:
@@ -46,24 +67,26 @@ def _fmt(v: float | None) -> str:
 
 
 class SegmentationReport:
-    """Per-case Dice / IoU / HD95 of an evaluator's outputs under named protocols, written at epoch end.
+    """The evaluation report of MONAI metric handlers' per-case details, written at epoch end.
 
+    ``metrics``: the :func:`protocol_metric_handlers` the evaluator runs (``<protocol>_<metric>`` ->
+    handler); their ``engine.state.metric_details`` tables hold every value, so the report computes no
+    metric itself, only each class's mask status (which mask is empty) for the table and the overlays.
     Files in ``output_dir``: ``metrics_per_case.csv`` (one row per case, class and protocol; ``status``
     says when a mask was empty), ``summary_<protocol>.json`` (mean/std per class and over classes, NaN
     counts) and ``summary.md`` (the papers' table layout: one row per protocol, mean Dice and HD95, then
-    per-class Dice). Overlay PNGs of the first ``n_overlays`` cases go to ``output_dir/overlays``.
+    per-class Dice). Overlay PNGs of the first ``n_overlays`` cases go to ``output_dir/overlays``. MONAI's
+    ``MetricsSaver`` beside it writes the same details in its own layout (``*_raw.csv``, ``*_summary.csv``).
 
-    ``mode="binary"``: ``pred``/``label`` are ``(1, H, W)`` masks (BUSI, protocol ``busi``).
-    ``mode="labels"``: ``pred``/``label`` are ``(1, *spatial)`` label maps (Synapse; protocols ``paper``
-    and ``physical``, spacing read from the label's affine).
-    Under DDP every rank computes its own cases; rank 0 gathers and writes.
+    ``mode="binary"``: ``pred``/``label`` are ``(1, H, W)`` masks (BUSI). ``mode="labels"``: ``(1, *spatial)``
+    label maps (Synapse). Under DDP every rank records its own cases; rank 0 gathers them and writes.
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
         class_names: Mapping[Any, str],
-        protocols: Sequence[str] = ("busi",),
+        metrics: Mapping[str, IgniteMetricHandler],
         mode: str = "binary",
         pred_key: str = "pred",
         label_key: str = "label",
@@ -74,72 +97,53 @@ class SegmentationReport:
     ) -> None:
         if mode not in ("binary", "labels"):
             raise ValueError(f"mode must be 'binary' or 'labels', got {mode!r}")
+        if not metrics:
+            raise ValueError("no metric handlers to report")
         self.output_dir = Path(output_dir)
         self.class_names = {int(k): str(v) for k, v in class_names.items() if int(k) != 0}
-        self.protocols = tuple(protocols)
+        self.metrics = dict(metrics)
+        self.protocols: tuple[str, ...] = tuple(dict.fromkeys(h.metric_fn.protocol for h in self.metrics.values()))
         self.mode = mode
         self.pred_key, self.label_key, self.image_key, self.case_key = (pred_key, label_key, image_key, case_key)
         self.n_overlays = n_overlays
         self.overlay_from_file = overlay_from_file
+        self.cases: list[tuple[str, list[str]]] = []  # (case name, mask status per class id)
         self.rows: list[dict[str, Any]] = []
-        self.records: dict[str, list[MetricRecord]] = {}
         self.summaries: dict[str, dict[str, Any]] = {}
-        self._n_cases = 0
+
+    @property
+    def class_ids(self) -> list[int]:
+        return sorted(self.class_names)
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def reset(self, engine: Any = None) -> None:
-        self.rows, self.records, self.summaries, self._n_cases = [], {p: [] for p in self.protocols}, {}, 0
+        self.cases, self.rows, self.summaries = [], [], {}
 
     def _case_name(self, item: Mapping[str, Any]) -> str:
         if self.case_key and self.case_key in item:
             return str(item[self.case_key])
         meta = getattr(item.get(self.image_key), "meta", {}) or {}
         name = meta.get("filename_or_obj")
-        return output_stem(name) if name else f"case{self._n_cases:04d}"
+        return output_stem(name) if name else f"case{len(self.cases):04d}"
 
     def add_case(self, case: str, pred: Any, label: Any, image: Any = None) -> None:
-        """Score one case (also usable without an engine)."""
+        """Record one case's mask status per class (and its overlay); its values come from the metrics."""
         p, g = _np(pred), _np(label)
         if p.shape != g.shape:
             raise ValueError(f"case {case}: prediction shape {p.shape} differs from label shape {g.shape}")
         p, g = (p.reshape(p.shape[1:]) if p.shape[0] == 1 else p, g.reshape(g.shape[1:]) if g.shape[0] == 1 else g)
-        for protocol in self.protocols:
-            if self.mode == "binary":
-                recs = [binary_case_metrics(p > 0.5, g > 0.5, protocol)]  # type: ignore[arg-type]
-            else:
-                spacing = _spacing(label, g.ndim) if protocol == "physical" else None
-                recs = label_volume_metrics(
-                    np.rint(p).astype(np.int64),
-                    np.rint(g).astype(np.int64),
-                    sorted(self.class_names),
-                    protocol,
-                    spacing,  # type: ignore[arg-type]
-                )
-            self.records.setdefault(protocol, []).extend(recs)
-            for r in recs:
-                self.rows.append(
-                    {
-                        "case": case,
-                        "class_id": r.class_id,
-                        "class_name": self.class_names.get(r.class_id, ""),
-                        "protocol": r.protocol,
-                        "dice": r.dice,
-                        "iou": r.iou,
-                        "hd95": r.hd95,
-                        "hd95_unit": r.hd95_unit,
-                        "hd95_method": r.hd95_method,
-                        "status": r.status,
-                    }
-                )
-        if self._n_cases < self.n_overlays:
+        if self.mode == "binary":
+            status = [mask_status(p > 0.5, g > 0.5)]
+        else:
+            p_ids, g_ids = set(np.unique(np.rint(p)).astype(int)), set(np.unique(np.rint(g)).astype(int))
+            status = [mask_status(np.array(c in p_ids), np.array(c in g_ids)) for c in self.class_ids]
+        if len(self.cases) < self.n_overlays:
             self._overlay(case, p, g, image)
-        self._n_cases += 1
+        self.cases.append((case, status))
 
     def iteration_completed(self, engine: Any) -> None:
         output, batch = engine.state.output, engine.state.batch
@@ -157,8 +161,6 @@ class SegmentationReport:
         if self.mode == "binary":
             img = None
             if self.overlay_from_file and image is not None:
-                from hybridseg.transforms import read_2d
-
                 img, _ = read_2d(image.meta["filename_or_obj"])
             if img is None or img.shape != p.shape:
                 img = _np(image)[0] if image is not None and _np(image).shape[-2:] == p.shape else p.astype(float)
@@ -170,30 +172,77 @@ class SegmentationReport:
         sl = (slice(None), slice(None), z) if z is not None else (slice(None),) * g.ndim
         write_png(out / f"{case}_z{z}.png", overlay_rgb(vol[sl], p[sl] > 0, g[sl] > 0))
 
-    def _gather(self) -> None:
+    def _gather_cases(self) -> list[tuple[str, list[str]]]:
+        """Every rank's cases in rank order: the order of MONAI's all-gathered metric details."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, (self.rows, self.records))
-        self.rows = [r for rows, _ in gathered for r in rows]
-        merged: dict[str, list[MetricRecord]] = {}
-        for _, recs in gathered:
-            for k, v in recs.items():
-                merged.setdefault(k, []).extend(v)
-        self.records = merged
+            return self.cases
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, self.cases)
+        return [c for cases in gathered for c in cases]
 
-    def epoch_completed(self, engine: Any = None) -> None:
-        self._gather()
-        rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-            torch.distributed.get_rank() == 0
-        )
-        self.summaries = {p: summarize(recs, class_names=self.class_names) for p, recs in self.records.items() if recs}
-        if not rank0:
-            return
-        self.write()
+    def _records(self, engine: Any, cases: list[tuple[str, list[str]]]) -> dict[str, list[list[MetricRecord]]]:
+        """Per protocol, per case: one MetricRecord per class, from the metric handlers' details."""
+        details = getattr(engine.state, "metric_details", {})
+        values: dict[str, dict[str, np.ndarray]] = {p: {} for p in self.protocols}
+        method, unit = {}, {}
+        for name, handler in self.metrics.items():
+            fn = handler.metric_fn
+            if name not in details:
+                raise RuntimeError(f"metric {name!r} saved no details: attach it to the evaluator with save_details")
+            table = _np(details[name]).reshape(len(cases), -1)
+            if fn.class_ids != self.class_ids:
+                raise ValueError(f"metric {name!r} scores classes {fn.class_ids}, the report names {self.class_ids}")
+            values[fn.protocol][fn.metric] = table
+            method[fn.protocol], unit[fn.protocol] = fn.hd95_method, fn.hd95_unit or ""
+        out: dict[str, list[list[MetricRecord]]] = {}
+        for protocol, tables in values.items():
+            out[protocol] = [
+                [
+                    MetricRecord(
+                        class_id=c,
+                        dice=float(tables["dice"][i, j]) if "dice" in tables else math.nan,
+                        iou=float(tables["iou"][i, j]) if "iou" in tables else None,
+                        hd95=float(tables["hd95"][i, j]) if "hd95" in tables else None,
+                        status=status[j],
+                        protocol=protocol,
+                        hd95_unit=unit[protocol],
+                        hd95_method=method[protocol],
+                    )
+                    for j, c in enumerate(self.class_ids)
+                ]
+                for i, (_, status) in enumerate(cases)
+            ]
+        return out
 
-    def write(self) -> None:
+    def epoch_completed(self, engine: Any) -> None:
+        cases = self._gather_cases()
+        records = self._records(engine, cases)
+        self.rows = [
+            {
+                "case": case,
+                "class_id": r.class_id,
+                "class_name": self.class_names.get(r.class_id, ""),
+                "protocol": r.protocol,
+                "dice": r.dice,
+                "iou": r.iou,
+                "hd95": r.hd95,
+                "hd95_unit": r.hd95_unit,
+                "hd95_method": r.hd95_method,
+                "status": r.status,
+            }
+            for i, (case, _) in enumerate(cases)
+            for protocol in self.protocols
+            for r in records[protocol][i]
+        ]
+        self.summaries = {
+            p: summarize([r for case in recs for r in case], class_names=self.class_names)
+            for p, recs in records.items()
+            if recs
+        }
+        if is_main_process():
+            self.write(len(cases))
+
+    def write(self, n_cases: int) -> None:
         """Write the CSV, the JSON summaries and the markdown table (atomically)."""
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
@@ -205,11 +254,11 @@ class SegmentationReport:
             atomic_write_text(self.output_dir / f"summary_{p}.json", json.dumps(s, indent=4, default=str) + "\n")
         table = self.table()
         atomic_write_text(self.output_dir / "summary.md", table + "\n")
-        logger.info("segmentation report (%d cases) in %s\n%s", self._n_cases, self.output_dir, table)
+        logger.info("segmentation report (%d cases) in %s\n%s", n_cases, self.output_dir, table)
 
     def table(self) -> str:
         """One row per protocol: mean Dice, mean HD95 (unit), then each class's mean Dice."""
-        ids = sorted(self.class_names)
+        ids = self.class_ids
         head = ["protocol", "cases", "Dice", "HD95", "HD95 unit"] + [self.class_names[i] for i in ids]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p, s in self.summaries.items():

@@ -1,5 +1,6 @@
 """MONAI dictionary transforms the bundles need beyond MONAI's own: validated 2D loading (BUSI PNG/JPEG and
-2D NIfTI with mask union), HU windowing and organ mapping for CT, and writers of masks and overlays."""
+2D NIfTI with mask union), validated CT loading and pair checks, and writers of masks and overlays. HU
+windowing and organ mapping are MONAI's ScaleIntensityRanged and MapLabelValued in the configs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from hybridseg.data.synapse import check_label_ids
 from hybridseg.io import InputDataError, atomic_path
 
 # torchvision's ImageNet statistics, which both CFFormer backbones were pretrained with (RGB order).
@@ -132,55 +134,6 @@ class LoadImage2Dd(MapTransform):
         return d
 
 
-class ScaleHUWindowd(MapTransform):
-    """Clip CT intensities to a HU window and scale to [0, 1]; a no-op when the data is already windowed
-    (TransUNet's preprocessed release), so the window is never applied twice."""
-
-    def __init__(
-        self, keys: KeysCollection, window: Sequence[float] = (-125, 275), already_windowed: bool = False
-    ) -> None:
-        super().__init__(keys)
-        self.lo, self.hi = float(window[0]), float(window[1])
-        self.already_windowed = already_windowed
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            if not torch.isfinite(torch.as_tensor(x)).all():
-                name = getattr(x, "meta", {}).get("filename_or_obj", key)
-                raise InputDataError(name, "image contains NaN or infinite values")
-            if not self.already_windowed:
-                x = (x.clamp(self.lo, self.hi) - self.lo) / (self.hi - self.lo)
-            d[key] = x.float() if isinstance(x, torch.Tensor) else x
-        return d
-
-
-class MapLabelsd(MapTransform):
-    """Map label ids with a named organ mapping (e.g. BTCV's 13 ids -> the 8 Synapse organs, see
-    :data:`hybridseg.data.synapse.ORGAN_MAPPINGS`); ids outside the source scheme raise an error naming the
-    file rather than silently becoming background."""
-
-    def __init__(self, keys: KeysCollection, mapping: Any) -> None:
-        from hybridseg.data.synapse import get_label_mapping
-
-        super().__init__(keys)
-        self.mapping = get_label_mapping(mapping)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from hybridseg.data.synapse import apply_label_mapping
-
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            name = getattr(x, "meta", {}).get("filename_or_obj", key)
-            mapped = apply_label_mapping(torch.as_tensor(x), self.mapping, path=name)
-            if isinstance(x, MetaTensor):
-                mapped = MetaTensor(mapped, meta=x.meta, applied_operations=x.applied_operations)
-            d[key] = mapped
-        return d
-
-
 def output_stem(path: str | os.PathLike) -> str:
     """File name without the image suffix (``.nii.gz`` counted as one suffix)."""
     name = Path(path).name
@@ -277,14 +230,21 @@ class SaveMask2Dd(MapTransform):
 
 class CheckVolumePaird(MapTransform):
     """Validate a loaded CT pair ``(1, H, W, D)``: one channel, three spatial axes, finite
-    intensities, and the label on the image's grid. Errors name the file, instead of failing deep
-    inside a later transform."""
+    intensities, the label on the image's grid and, with ``label_ids``, only those whole-number ids
+    (MONAI's MapLabelValued, which follows, would pass unknown ids through). Errors name the file,
+    instead of failing deep inside a later transform."""
 
     def __init__(
-        self, keys: KeysCollection = ("image", "label"), image_key: str = "image", allow_missing_keys: bool = True
+        self,
+        keys: KeysCollection = ("image", "label"),
+        image_key: str = "image",
+        allow_missing_keys: bool = True,
+        label_key: str = "label",
+        label_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.image_key = image_key
+        self.image_key, self.label_key = image_key, label_key
+        self.label_ids = None if label_ids is None else tuple(int(i) for i in label_ids)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -297,6 +257,8 @@ class CheckVolumePaird(MapTransform):
                 raise InputDataError(name, f"expected a single-channel 3D volume, got shape {shape} (channel first)")
             if key == self.image_key and not torch.isfinite(torch.as_tensor(x)).all():
                 raise InputDataError(name, "volume contains NaN or infinite values")
+            if key == self.label_key and self.label_ids is not None:
+                check_label_ids(torch.unique(torch.as_tensor(x)).cpu().numpy(), self.label_ids, path=name)
             if ref_shape is None:
                 ref_shape = shape[1:]
             elif shape[1:] != ref_shape:
