@@ -24,3 +24,20 @@ def test_package_sources_point_only_to_files_in_the_repository():
                 missing.append(f"{src.relative_to(ROOT)}: {ref}")
     assert not outside, f"references to files outside the repository: {outside}"
     assert not missing, f"references to files that do not exist: {missing}"
+
+
+def test_runtime_modules_never_import_the_tools():
+    """The packaged bundles vendor the runtime without ``hybridseg.tools``: no runtime module may import it."""
+    import ast
+
+    offenders = []
+    for src in sorted(PACKAGE.rglob("*.py")):
+        rel = src.relative_to(PACKAGE)
+        if rel.parts[0] == "tools" or rel.name == "__main__.py":  # the CLI entry point is tooling too
+            continue
+        for node in ast.walk(ast.parse(src.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{rel}: {n}" for n in names if n == "hybridseg.tools" or n.startswith("hybridseg.tools.")]
+    assert not offenders, f"runtime modules importing the tools: {offenders}"

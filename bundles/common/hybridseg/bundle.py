@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from hybridseg.image_io import output_stem, read_2d, read_volume
 from hybridseg.io import InputDataError
 
 
@@ -108,15 +110,11 @@ def collect_inputs(
             raise InputDataError(p, "no such file or folder")
     names = {}
     for f in files:
-        from hybridseg.transforms import output_stem
-
         stem = output_stem(f)
         if stem in names:
             raise InputDataError(f, f"has the same output name as {names[stem]}; outputs would collide")
         names[stem] = f
     if check is not None:
-        from hybridseg.transforms import read_2d, read_volume
-
         reader = {"2d": read_2d, "3d": read_volume}[check]
         for f in files:
             reader(f)
@@ -128,8 +126,6 @@ _FILE_HANDLERS: list = []
 
 def log_to_file(path: str | os.PathLike, level: str = "INFO") -> str:
     """Also write the root logger (MONAI's StatsHandler, ignite, ours) to ``path``; returns the path."""
-    import logging
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -145,8 +141,6 @@ def log_to_file(path: str | os.PathLike, level: str = "INFO") -> str:
 
 def close_log_files() -> None:
     """Detach and close the handlers added by :func:`log_to_file` (workflows may share a process)."""
-    import logging
-
     root = logging.getLogger()
     while _FILE_HANDLERS:
         h = _FILE_HANDLERS.pop()
@@ -157,8 +151,6 @@ def close_log_files() -> None:
 def with_weights(model: torch.nn.Module, loader, **paths) -> torch.nn.Module:
     """Call ``loader(model, **paths)`` with the paths that are set (a network's weight loader, e.g. ImageNet
     backbones), log its report, and return ``model``; with no path set the model is returned untouched."""
-    import logging
-
     given = {k: v for k, v in paths.items() if v not in (None, "", False)}
     if given:
         report = loader(model, **given)

@@ -19,9 +19,9 @@ from ignite.engine import Events
 from monai.handlers import IgniteMetricHandler, from_engine
 
 from hybridseg.bundle import is_main_process
+from hybridseg.image_io import output_stem, overlay_rgb, read_2d, write_png
 from hybridseg.io import atomic_write_text
 from hybridseg.metrics import MetricRecord, SegmentationProtocolMetric, mask_status, summarize
-from hybridseg.transforms import output_stem, overlay_rgb, read_2d, write_png
 
 logger = logging.getLogger(__name__)
 

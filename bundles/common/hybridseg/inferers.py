@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
+from tqdm import tqdm
 
 
 def cpu_has_native_bf16() -> bool:
@@ -91,8 +92,6 @@ class ResizedSliceInferer(Inferer):
     def _slices(self, depth: int):
         steps = range(0, depth, self.sw_batch_size)
         if self.progress:
-            from tqdm import tqdm
-
             steps = tqdm(steps, desc="slices", unit="batch", leave=False)
         return steps
 

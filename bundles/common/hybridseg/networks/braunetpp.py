@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridseg.io import InputDataError
+from hybridseg.networks.blocks import DropPath, init_linear_and_layer_norm_
 from hybridseg.networks.bra import DEFAULT_KV_CHUNK_BYTES, BiLevelRoutingAttention
 
 __all__ = [
@@ -93,21 +94,6 @@ class ConvDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth on a residual branch (B, ...): zero a sample w.p. p, scale the rest by 1/(1-p)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
 
 
 class Mlp(nn.Module):
@@ -324,7 +310,7 @@ class BRAUNetPP(nn.Module):
         self.norm_up = nn.LayerNorm(dims[0])
         self.final_expand = FinalPatchExpandX4(dims[0])
         self.head = nn.Conv2d(dims[0], num_classes, 1, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_linear_and_layer_norm_)  # the official initialisation
         # Conv weights stored channels_last like the activations' NCHW views: otherwise oneDNN copies
         # every weight into that layout on every call (~16 % of the fp32 forward, mostly SCCSA's 7x7s).
         self.to(memory_format=torch.channels_last)
@@ -360,17 +346,6 @@ def braunetpp(in_channels: int = 1, num_classes: int = 9, n_win: int = 7, **kwar
 def _linspace(end: float, n: int) -> list[float]:
     """``n`` evenly spaced stochastic-depth rates from 0 to ``end`` (as ``torch.linspace``; works on meta)."""
     return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-
-
-def _init_weights(m: nn.Module) -> None:
-    """The official initialisation: Linear ~ trunc normal (std 0.02), zero bias; LayerNorm 1 / 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridseg.networks.blocks import init_linear_and_layer_norm_
 from hybridseg.networks.resnet import ResNet34Features
 from hybridseg.networks.resnet import load_weights_file as _load_weights_file
 from hybridseg.networks.resnet import resnet34_state_dict_from_torchvision
@@ -201,15 +202,12 @@ class CFFormerEncoder(nn.Module):
 def reference_init_(module: nn.Module) -> None:
     """The reference's fresh-network init (decoder, head, CFCA): Linear trunc-normal(0.02), conv He-normal."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        init_linear_and_layer_norm_(m)
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+        elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
