@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -390,6 +390,26 @@ def _rename(kind: str, key: str) -> str | None:
 
 
 _UNUSED_OFFICIAL = re.compile(r"stages\.3\.")  # the bottleneck blocks the official forward never runs
+# Official BRAUnetSystem modules -> ours: (pattern whose last group is the key below the module, the submodule
+# kind that renames that part (None: kept as is), our module prefix from the match). First match that renames wins.
+_MODEL_RULES: tuple[tuple[re.Pattern[str], str | None, Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r"downsample_layers\.0\.(.*)"), "stem", lambda m: "encoder.0.downsample."),
+    (re.compile(r"downsample_layers\.3\.(.*)"), "downsample", lambda m: "bottleneck."),
+    (re.compile(r"downsample_layers\.(\d)\.(.*)"), "downsample", lambda m: f"encoder.{m[1]}.downsample."),
+    (re.compile(r"stages\.([0-2])\.(\d+)\.(.*)"), "block", lambda m: f"encoder.{m[1]}.blocks.{m[2]}."),
+    (re.compile(r"layers_up\.0\.(.*)"), "patch_expand", lambda m: "bottleneck_expand."),
+    (
+        re.compile(r"layers_up\.([1-3])\.blocks\.(\d+)\.(.*)"),
+        "block",
+        lambda m: f"decoder.{3 - int(m[1])}.blocks.{m[2]}.",
+    ),
+    (re.compile(r"layers_up\.([12])\.upsample\.(.*)"), "patch_expand", lambda m: f"decoder.{3 - int(m[1])}.expand."),
+    (re.compile(r"sccsa([1-3])\.(.*)"), "sccsa", lambda m: f"decoder.{int(m[1]) - 1}.skip_attention."),
+    (re.compile(r"concat_back_dim\.([1-3])\.(weight|bias)$"), None, lambda m: f"decoder.{3 - int(m[1])}.skip_fuse."),
+    (re.compile(r"(norm_up\.(?:weight|bias))$"), None, lambda m: ""),
+    (re.compile(r"up4\.(.*)"), "final_patch_expand_x4", lambda m: "final_expand."),
+    (re.compile(r"output\.(weight)$"), None, lambda m: "head."),
+)
 
 
 def official_to_ours_key(key: str, kind: str = "model") -> str | None:
@@ -407,53 +427,13 @@ def official_to_ours_key(key: str, kind: str = "model") -> str | None:
         return out
     if _UNUSED_OFFICIAL.match(key):
         return None
-    m = re.match(r"downsample_layers\.(\d)\.(.*)", key)
-    if m:
-        i, rest = int(m.group(1)), m.group(2)
-        kind_, prefix = {0: ("stem", "encoder.0.downsample."), 3: ("downsample", "bottleneck.")}.get(
-            i, ("downsample", f"encoder.{i}.downsample.")
-        )
-        out = _rename(kind_, rest)
-        if out is not None:
-            return prefix + out
-    m = re.match(r"stages\.([0-2])\.(\d+)\.(.*)", key)
-    if m:
-        out = _rename("block", m.group(3))
-        if out is not None:
-            return f"encoder.{m.group(1)}.blocks.{m.group(2)}.{out}"
-    m = re.match(r"layers_up\.0\.(.*)", key)
-    if m:
-        out = _rename("patch_expand", m.group(1))
-        if out is not None:
-            return "bottleneck_expand." + out
-    m = re.match(r"layers_up\.([1-3])\.blocks\.(\d+)\.(.*)", key)
-    if m:
-        out = _rename("block", m.group(3))
-        if out is not None:
-            return f"decoder.{3 - int(m.group(1))}.blocks.{m.group(2)}.{out}"
-    m = re.match(r"layers_up\.([12])\.upsample\.(.*)", key)
-    if m:
-        out = _rename("patch_expand", m.group(2))
-        if out is not None:
-            return f"decoder.{3 - int(m.group(1))}.expand.{out}"
-    m = re.match(r"sccsa([1-3])\.(.*)", key)
-    if m:
-        out = _rename("sccsa", m.group(2))
-        if out is not None:
-            return f"decoder.{int(m.group(1)) - 1}.skip_attention.{out}"
-    m = re.match(r"concat_back_dim\.([1-3])\.(weight|bias)$", key)
-    if m:
-        return f"decoder.{3 - int(m.group(1))}.skip_fuse.{m.group(2)}"
-    m = re.match(r"(norm_up\.(?:weight|bias))$", key)
-    if m:
-        return m.group(1)
-    m = re.match(r"up4\.(.*)", key)
-    if m:
-        out = _rename("final_patch_expand_x4", m.group(1))
-        if out is not None:
-            return "final_expand." + out
-    if re.match(r"output\.weight$", key):
-        return "head.weight"
+    for pattern, kind_, prefix in _MODEL_RULES:
+        m = pattern.match(key)
+        if m:
+            tail = m.group(pattern.groups)  # the part below the matched module
+            out = tail if kind_ is None else _rename(kind_, tail)
+            if out is not None:
+                return prefix(m) + out
     raise KeyError(f"unknown official BRAU-Net++ key {key!r}")
 
 
