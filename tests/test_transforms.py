@@ -11,8 +11,9 @@ from monai.transforms import MapLabelValued
 from PIL import Image
 
 from hybridseg.data.synapse import get_label_mapping
+from hybridseg.image_io import read_volume
 from hybridseg.io import InputDataError
-from hybridseg.transforms import CheckVolumePaird, LoadImage2Dd, LoadVolumed, SaveLabelVolumed, read_volume
+from hybridseg.transforms import CheckVolumePaird, LoadImage2Dd, LoadVolumed, SaveLabelVolumed
 
 
 def _volume(shape, name="img.nii.gz"):
