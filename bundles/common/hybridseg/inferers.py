@@ -69,6 +69,7 @@ class ResizedSliceInferer(Inferer):
     neighbour, so ``argmax`` afterwards equals the official argmax-then-nearest-zoom. With
     ``output="labels"`` each slice batch is reduced by argmax at once and the result is a ``(B, 1, H, W, D)``
     label map: memory then stays bounded by one slice batch of logits, whatever the volume depth.
+    Not MONAI's SliceInferer, which tiles each slice at ``roi_size`` instead of resizing it as the papers do.
     """
 
     def __init__(

@@ -36,6 +36,7 @@ class LoadImage2Dd(MapTransform):
     for ``label_key``, the union of one or more binary masks -> ``(1, H, W)`` float32 in {0, 1}.
 
     Every file is validated (readable, 2D, masks binary and the image's size); errors name the file.
+    Not MONAI's LoadImaged: BUSI keeps several masks per image, which are loaded as their union.
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class SaveMask2Dd(MapTransform):
     """Write each binary prediction ``(1, H, W)`` (already at the input's size) next to nothing the user owns:
     ``<output_dir>/<stem>_mask.png`` (0/255) for PNG/JPEG inputs or ``<stem>_mask.nii.gz`` on the input's
     grid and affine for NIfTI inputs, plus ``<stem>_overlay.png``. Writes are atomic; an output path equal to
-    an input file is refused."""
+    an input file is refused (neither of which MONAI's SaveImaged does)."""
 
     def __init__(
         self,
@@ -172,7 +173,8 @@ class CheckVolumePaird(MapTransform):
 
 class LoadVolumed(MapTransform):
     """Load a CT volume (NIfTI file, or a DICOM series folder via ITK) -> ``(1, X, Y, Z)`` float32 MetaTensor
-    with its affine, arrays kept as stored (no reorientation), after the checks of :func:`read_volume`."""
+    with its affine, arrays kept as stored (no reorientation), after the checks of :func:`read_volume`. Not
+    MONAI's LoadImaged: the same reader checks every input before anything is written (``collect_inputs``)."""
 
     def __init__(self, keys: KeysCollection = "image") -> None:
         super().__init__(keys)
@@ -188,7 +190,8 @@ class LoadVolumed(MapTransform):
 
 class SaveLabelVolumed(MapTransform):
     """Write a predicted label volume ``(1, X, Y, Z)`` on the input's own grid: ``<stem>_seg.nii.gz`` with the
-    input's affine (and header for NIfTI input), plus ``<stem>_seg.json`` naming every label id. Atomic."""
+    input's affine (and header for NIfTI input), plus ``<stem>_seg.json`` naming every label id. Atomic, and
+    never over an input file (MONAI's SaveImaged neither keeps the input header nor writes the sidecar)."""
 
     def __init__(
         self,
