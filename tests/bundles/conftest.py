@@ -132,3 +132,17 @@ def workflow_error(config_file, meta_file: str, logging_file: str, **overrides) 
     with pytest.raises(Exception) as info:
         run_workflow("train", config_file, meta_file, logging_file, **overrides)
     return error_text(info.value)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _empty_weights_cache(tmp_path_factory):
+    """Bundle runs never see a developer's cached pretrained weights (``pretrained=auto`` trains from scratch)."""
+    import os
+
+    before = os.environ.get("HYBRIDSEG_WEIGHTS")
+    os.environ["HYBRIDSEG_WEIGHTS"] = str(tmp_path_factory.mktemp("empty weights cache"))
+    yield
+    if before is None:
+        os.environ.pop("HYBRIDSEG_WEIGHTS", None)
+    else:
+        os.environ["HYBRIDSEG_WEIGHTS"] = before

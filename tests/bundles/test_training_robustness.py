@@ -71,6 +71,24 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _interrupted_run(dataset_dir: Path, work: Path, overrides: dict, name: str, iteration: int):
+    """Train with ``overrides`` (written to ``work/tiny.json``) into ``work/models`` and ``work/run1``, sending
+    signal ``name`` to the bundle's own process after ``iteration``: from inside the trainer, so that it falls
+    at a known iteration whatever the machine's speed. Returns (the process, the overrides file, the args)."""
+    base = _write_overrides(work / "tiny.json", overrides)
+    run = [
+        "$import signal",
+        "$@train#checkpoint_saver.attach(@train#trainer)",
+        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={iteration}), "
+        f"lambda e: os.kill(os.getpid(), signal.{name}))",
+        "$@train#trainer.run()",
+    ]
+    signal_at = _write_overrides(work / "signal.json", {"run": run})
+    args = {"dataset_dir": dataset_dir, "ckpt_dir": work / "models"}
+    proc = _run([sys.executable] + _bundle_cmd([FILES["train"], base, signal_at], output_dir=work / "run1", **args))
+    return proc, base, args
+
+
 def _trainer_iteration(ckpt: Path) -> int:
     return int(torch.load(ckpt, weights_only=True)["trainer"]["iteration"])
 
@@ -80,24 +98,9 @@ def test_training_killed_mid_epoch_resumes_from_the_saved_iteration(synapse_smal
     """SIGKILL at iteration 5 of a 6-iteration epoch (checkpoints every 2): the resumed run starts at
     iteration 5, not 1, and finishes the planned 12 iterations with the LR schedule where it left off."""
     work = tmp_path
-    common = {**TINY, "epoch_length": 6, "max_epochs": 2, "val_interval": 2, "checkpoint_interval": 2}
-    base = _write_overrides(work / "tiny.json", common)
-    # the kill comes from inside the trainer so that it falls mid-epoch at a known iteration, whatever the
-    # machine's speed; SIGKILL cannot be caught, so nothing is flushed or saved on the way out
-    killer = _write_overrides(
-        work / "kill.json",
-        {
-            "run": [
-                "$import signal",
-                "$@train#checkpoint_saver.attach(@train#trainer)",
-                "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once=5), "
-                "lambda e: os.kill(os.getpid(), signal.SIGKILL))",
-                "$@train#trainer.run()",
-            ]
-        },
-    )
-    args = {"dataset_dir": synapse_small, "ckpt_dir": work / "models"}
-    killed = _run([sys.executable] + _bundle_cmd([FILES["train"], base, killer], output_dir=work / "run1", **args))
+    common = {**TINY, "epoch_length": 6, "max_epochs": 2, "val_interval": 2, "save_state_every_iters": 2}
+    # SIGKILL cannot be caught, so nothing is flushed or saved on the way out
+    killed, base, args = _interrupted_run(synapse_small, work, common, "SIGKILL", 5)
     assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
     ckpt = work / "models" / "checkpoint_last.pt"
     assert _trainer_iteration(ckpt) == 4
@@ -106,7 +109,7 @@ def test_training_killed_mid_epoch_resumes_from_the_saved_iteration(synapse_smal
     resumed = _run(
         [sys.executable]
         + _bundle_cmd(
-            [FILES["train"], base], output_dir=work / "run2", resume_from="auto", checkpoint_interval=1, **args
+            [FILES["train"], base], output_dir=work / "run2", resume_from="auto", save_state_every_iters=1, **args
         )
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -118,6 +121,27 @@ def test_training_killed_mid_epoch_resumes_from_the_saved_iteration(synapse_smal
     assert last["trainer"]["iteration"] == 12
     assert last["lr_scheduler"]["last_epoch"] == 12  # the per-iteration schedule continued, not restarted
     assert (work / "models" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_state_of_the_current_iteration_and_the_run_resumes_there(synapse_small, tmp_path):
+    """A scheduler's SIGTERM at iteration 3 with no interval save due: the bundle finishes that iteration,
+    saves the full state, exits with status 143, and --resume_from auto trains on from iteration 3."""
+    work = tmp_path
+    common = {**TINY, "epoch_length": 6, "max_epochs": 1, "val_interval": 1, "save_state_every_iters": 100}
+    stopped, base, args = _interrupted_run(synapse_small, work, common, "SIGTERM", 3)
+    assert stopped.returncode == 143, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert "training stopped by SIGTERM at iteration 3" in (work / "run1" / "train.log").read_text()
+    ckpt = work / "models" / "checkpoint_last.pt"
+    assert _trainer_iteration(ckpt) == 3
+    resumed = _run(
+        [sys.executable] + _bundle_cmd([FILES["train"], base], output_dir=work / "run2", resume_from="auto", **args)
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    log = (work / "run2" / "train.log").read_text()
+    assert re.search(r"resumed from .*checkpoint_last\.pt at epoch 0, iteration 3", log), log[-2000:]
+    saved = [int(i) for i in re.findall(r"saved checkpoint .* \(epoch \d+, iteration (\d+)\)", log)]
+    assert saved == [6] and _trainer_iteration(ckpt) == 6  # the end only: no save per epoch or iteration
 
 
 def _losses_of(dataset_dir: Path, work: Path, overrides: dict) -> list[float]:
@@ -168,7 +192,7 @@ def test_two_process_training_and_evaluation_match_single_process_outputs(synaps
     once, from rank 0; multi_gpu_evaluate.json then gives exactly the 1-process test metrics."""
     work = tmp_path
     tiny = _write_overrides(
-        work / "tiny.json", {**TINY, "epoch_length": 2, "max_epochs": 1, "val_interval": 1, "checkpoint_interval": 1}
+        work / "tiny.json", {**TINY, "epoch_length": 2, "max_epochs": 1, "val_interval": 1, "save_state_every_iters": 1}
     )
     cfg = Path(FILES["train"]).parent
     args = {"dataset_dir": synapse_small, "ckpt_dir": work / "models"}
@@ -231,7 +255,7 @@ def test_cfformer_multi_gpu_train_runs_under_torchrun_with_rank0_outputs(tmp_pat
             "num_workers": 0,
             "amp": False,
             "val_interval": 1,
-            "checkpoint_interval": 1,
+            "save_state_every_iters": 1,
             "train#trainer#epoch_length": 1,
         },
     )
@@ -262,7 +286,7 @@ def test_bundle_training_stops_on_a_non_finite_loss_and_keeps_the_last_good_chec
         dataset_dir=str(synapse_small),
         ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "eval"),
-        **{**TINY, "learning_rate": 1e12, "epoch_length": 8, "max_epochs": 1, "checkpoint_interval": 1},
+        **{**TINY, "learning_rate": 1e12, "epoch_length": 8, "max_epochs": 1, "save_state_every_iters": 1},
     )
     m = re.search(r"training loss is (nan|inf|-inf) at iteration (\d+) \(epoch 1\)", text)
     assert m, text[-2000:]

@@ -22,7 +22,7 @@ from hybridseg.networks.cfformer import (
     convert_reference_state_dict,
     load_imagenet_weights,
 )
-from hybridseg.networks.swin_v2 import relative_coords_table, relative_position_index
+from hybridseg.networks.swin_v2 import SwinV2Features, relative_coords_table, relative_position_index
 from tests.reference import crc32_state_dict, load_fixture, max_abs_diff
 
 NET = "cfformer"
@@ -440,9 +440,15 @@ def imagenet_files(fx_t, ref_sd_t, tmp_path_factory) -> dict:
 def test_load_imagenet_weights_fills_both_backbones_and_reports_ignored_keys(fresh_s, imagenet_files):
     (rpath, rsd), (spath, ssd) = imagenet_files["resnet34"], imagenet_files["swin_v2_t"]
     report = load_imagenet_weights(fresh_s, resnet34=rpath, swin=spath)
-    assert report["resnet34"]["ignored"] == ["fc.bias", "fc.weight"]
-    assert {"norm.weight", "head.bias"} <= set(report["swin_v2_t"]["ignored"])
-    assert report["swin_v2_t"]["loaded"] == len(fresh_s.encoder.transformer.state_dict())
+    assert [k for k in report.skipped if k.startswith("resnet34:")] == ["resnet34:fc.bias", "resnet34:fc.weight"]
+    assert {"swin_v2_t:norm.weight", "swin_v2_t:head.bias"} <= set(report.skipped)
+    loaded_swin = [k for k in report.loaded if k.startswith("encoder.transformer.")]
+    assert len(loaded_swin) == len(fresh_s.encoder.transformer.state_dict())
+    # CFCA, XFF and the decoder keep their initialisation, and the report says so
+    assert set(report.left_at_init) == set(fresh_s.state_dict()) - set(report.loaded)
+    assert any(k.startswith("decoder.") for k in report.left_at_init)
+    assert not any(k.startswith("encoder.cnn.") for k in report.left_at_init)
+    assert report.files == [str(rpath), str(spath)] and str(len(report.loaded)) in report.summary()
     assert torch.equal(fresh_s.encoder.cnn.layer4[2].conv2.weight, rsd["layer4.2.conv2.weight"])
     assert torch.equal(fresh_s.encoder.transformer.features[5][5].attn.qkv.weight, ssd["features.5.5.attn.qkv.weight"])
 
@@ -463,8 +469,29 @@ def test_load_imagenet_weights_is_all_or_nothing_and_lists_offending_keys(fresh_
 def test_load_imagenet_weights_refuses_the_swin_file_of_another_variant(imagenet_files):
     with torch.device("meta"):
         model_b = CFFormer("b")  # expects swin_v2_s: stage 3 has 18 blocks, the file 6
-    with pytest.raises(InputDataError, match=r"swin_v2_s.*missing keys: features\.5\.6\."):
-        load_imagenet_weights(model_b, swin=imagenet_files["swin_v2_t"][0])
+    path = imagenet_files["swin_v2_t"][0]
+    with pytest.raises(InputDataError) as err:
+        load_imagenet_weights(model_b, swin=path)
+    msg = str(err.value)
+    assert str(path) in msg and "Swin-V2-T weights (CFFormer variant 's')" in msg
+    assert "variant 'b', which needs Swin-V2-S" in msg
+
+
+def test_a_swin_v2_s_file_for_variant_l_is_refused_by_its_shapes_whatever_its_name(tmp_path):
+    """Shapes decide, not the file name: a Swin-V2-S state dict saved as swin_v2_b-781e5279.pth."""
+    with torch.device("meta"):
+        model_l = CFFormer("l")
+        small = SwinV2Features("swin_v2_s").state_dict()  # meta tensors: shapes only, nothing allocated
+    path = tmp_path / "swin_v2_b-781e5279.pth"
+    torch.save(small, path)
+    with pytest.raises(InputDataError) as err:
+        load_imagenet_weights(model_l, swin=path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "Swin-V2-S weights (CFFormer variant 'b')" in msg and "variant 'l', which needs Swin-V2-B" in msg
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "resnet.pth")
+    with pytest.raises(InputDataError, match="resnet.pth: holds no torchvision Swin-V2 weights"):
+        load_imagenet_weights(model_l, swin=tmp_path / "resnet.pth")
 
 
 def test_load_imagenet_weights_sums_rgb_stems_for_a_gray_model(imagenet_files, gray_s):

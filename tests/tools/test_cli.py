@@ -23,6 +23,7 @@ EXPECTED = [
     "bench",
     "export",
     "package",
+    "weights",
 ]
 
 

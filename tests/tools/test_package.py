@@ -23,6 +23,7 @@ from hybridseg.io import InputDataError
 from hybridseg.tools.cli import main
 from hybridseg.tools.export import build_network
 from hybridseg.tools.package import package, verify_metadata
+from hybridseg.weights import read_manifest
 from tests.bundles.conftest import infer
 from tests.reference import REPO_ROOT
 from tests.tools.test_export import TINY
@@ -30,6 +31,7 @@ from tests.tools.test_export import TINY
 BUNDLES = REPO_ROOT / "bundles"
 NAMES = list(TINY)
 URL = "https://example.org/hybridseg/weights"
+PRETRAINED = "models/pretrained/"
 
 
 def _flags(overrides: dict) -> list[str]:
@@ -110,8 +112,13 @@ def test_packaged_bundle_follows_the_zoo_rules(name, packaged):
 @pytest.mark.parametrize("name", NAMES)
 def test_weights_are_listed_in_large_files_yml_with_their_hash_and_big_ones_left_out(name, packaged):
     p = packaged[name]
-    entries = _large_files(p["folder"] / "large_files.yml")
+    text = (p["folder"] / "large_files.yml").read_text()
+    entries = [e for e in _large_files(p["folder"] / "large_files.yml") if not e["path"].startswith(PRETRAINED)]
     assert [e["path"] for e in entries] == ["models/model.pt", "models/model.ts"]
+    pretrained = [e for e in _large_files(p["folder"] / "large_files.yml") if e["path"].startswith(PRETRAINED)]
+    manifest = read_manifest(p["folder"] / "configs" / "weights.json")
+    assert [e["url"] for e in pretrained] == [f.url for f in manifest.files if f.direct]
+    assert all(f"{PRETRAINED}{f.file}: no direct download" in text for f in manifest.files if not f.direct)
     large = p["dist"] / f"{name}_large_files"
     for e in entries:
         inside, outside = p["folder"] / e["path"], large / e["path"]
@@ -133,6 +140,8 @@ def _unpack(p: dict, name: str, where: Path) -> Path:
         z.extractall(where)
     root = where / name
     for e in _large_files(root / "large_files.yml"):
+        if e["path"].startswith(PRETRAINED):
+            continue  # the published ImageNet files: not needed to run the trained bundle
         if not (root / e["path"]).is_file():
             src = p["dist"] / f"{name}_large_files" / e["path"]
             (root / e["path"]).parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +279,6 @@ def test_repackaging_replaces_the_output_atomically_and_never_writes_into_the_bu
     (Path(first["folder"]) / "stale.txt").write_text("from an earlier run")
     second = package(str(bundle), str(dist))
     assert first == second and not (Path(second["folder"]) / "stale.txt").exists()
-    assert "large_files: []" in (Path(second["folder"]) / "large_files.yml").read_text()
+    assert "models/model" not in (Path(second["folder"]) / "large_files.yml").read_text()
     assert {f: f.read_bytes() for f in bundle.rglob("*") if f.is_file()} == before
     assert sorted(p.name for p in dist.iterdir()) == ["cfformer_busi", "cfformer_busi_v0.1.0.zip"]

@@ -150,9 +150,11 @@ def close_log_files() -> None:
 
 def with_weights(model: torch.nn.Module, loader, **paths) -> torch.nn.Module:
     """Call ``loader(model, **paths)`` with the paths that are set (a network's weight loader, e.g. ImageNet
-    backbones), log its report, and return ``model``; with no path set the model is returned untouched."""
+    backbones), log its report (loaded / skipped / left at initialisation), and return ``model``; with no
+    path set the model is returned untouched."""
     given = {k: v for k, v in paths.items() if v not in (None, "", False)}
     if given:
         report = loader(model, **given)
-        logging.getLogger("hybridseg").info("loaded pretrained weights %s: %s", given, report)
+        text = report.summary() if hasattr(report, "summary") else str(report)
+        logging.getLogger("hybridseg").info("pretrained weights (%s): %s", loader.__name__, text)
     return model

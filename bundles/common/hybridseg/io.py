@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 
 class InputDataError(ValueError):
@@ -54,53 +53,3 @@ def ensure_not_input(dest: str | os.PathLike, inputs: list[str | os.PathLike]) -
     for p in inputs:
         if Path(p).resolve() == d:
             raise InputDataError(dest, "refusing to overwrite an input file with an output")
-
-
-def load_state_checkpoint(
-    path: str | os.PathLike, keys: Sequence[str] = (), map_location: Any = "cpu"
-) -> Mapping[str, Any]:
-    """Read a checkpoint of state dicts with ``torch.load(weights_only=True)``; refuse anything else.
-
-    ``keys``: the entries a caller will load (e.g. ``model``, ``optimizer``, ``trainer``); with more than
-    one, each must be present (a best-model ``model.pt`` cannot resume training). With one key, a bare
-    state dict (name -> tensor) is accepted too, as MONAI's CheckpointLoader does. Every failure is an
-    :class:`InputDataError` naming the file and saying what is wrong.
-    """
-    import pickle
-
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputDataError(p, "no such checkpoint file")
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses pickled classes/functions: running their code on load is a security hole
-        raise InputDataError(
-            p,
-            "not a checkpoint of state dicts: it holds pickled Python objects (for example a whole model "
-            "saved with torch.save(model)), which are not loaded because unpickling can run arbitrary code; "
-            f"save model.state_dict() instead ({str(e).splitlines()[0]})",
-        ) from e
-    except Exception as e:  # torch raises RuntimeError/EOFError/... for truncated or corrupt archives
-        raise InputDataError(p, f"unreadable or truncated checkpoint ({e.__class__.__name__}: {e})") from e
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise InputDataError(
-            p, f"not a checkpoint of state dicts: it holds a {type(obj).__name__}, not a dict keyed by name"
-        )
-    keys = list(keys)
-    if len(keys) == 1 and keys[0] not in obj:
-        obj = {keys[0]: obj}
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise InputDataError(
-            p,
-            f"checkpoint has no {', '.join(map(repr, missing))} (it holds {', '.join(map(repr, obj))}); "
-            "to resume training use the full training checkpoint (checkpoint_last.pt), not model.pt",
-        )
-    for k in keys:
-        v = obj[k]
-        if not isinstance(v, Mapping):
-            raise InputDataError(p, f"entry {k!r} is a {type(v).__name__}, not a state dict")
-    return obj

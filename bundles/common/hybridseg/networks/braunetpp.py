@@ -19,11 +19,9 @@ Module names differ from the official ones (they say what the module is); the ma
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +31,7 @@ from torch import nn
 from hybridseg.io import InputDataError
 from hybridseg.networks.blocks import DropPath, init_linear_and_layer_norm_
 from hybridseg.networks.bra import DEFAULT_KV_CHUNK_BYTES, BiLevelRoutingAttention
+from hybridseg.weights import LoadReport, read_state_dict
 
 __all__ = [
     "BRAUNetPP",
@@ -473,55 +472,28 @@ def convert_official_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def _read_state_dict(path: str | os.PathLike, containers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Load a checkpoint with ``weights_only=True`` and return its state dict (first container found)."""
-    if not os.path.isfile(path):
-        raise InputDataError(path, "checkpoint file does not exist")
-    try:
-        # Training scripts (DeiT-style, as BiFormer's) also store their argparse.Namespace: plain data.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad input file
-        raise InputDataError(path, f"cannot be read as a weights-only torch checkpoint ({err})") from err
-    for name in containers:
-        if isinstance(obj, Mapping) and isinstance(obj.get(name), Mapping):
-            obj = obj[name]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputDataError(path, "does not hold a state dict (a mapping from names to tensors)")
-    return dict(obj)
-
-
-def load_official_checkpoint(model: BRAUNetPP, path: str | os.PathLike) -> None:
+def load_official_checkpoint(model: BRAUNetPP, path: str | os.PathLike) -> LoadReport:
     """Load an official BRAU-Net++ checkpoint file (e.g. the authors' Synapse weights) into ``model``.
 
-    Strict: every weight of ``model`` must be present with the right shape, otherwise InputDataError.
+    Strict: every weight of ``model`` must be present with the right shape, otherwise InputDataError. The
+    report lists the entries of the never-run bottleneck stage as skipped.
     """
-    sd = _read_state_dict(path, ("state_dict", "model"))
+    sd = read_state_dict(path, ("state_dict", "model"))
     try:
         converted = convert_official_state_dict(sd)
         model.load_state_dict(converted, strict=True)
     except (ValueError, RuntimeError) as err:
         raise InputDataError(path, f"does not fit this BRAU-Net++ configuration: {err}") from err
+    kept = len(converted)
+    skipped = {k: "never-run bottleneck stage" for k in sd if k not in converted} if len(sd) > kept else {}
+    return LoadReport(loaded=sorted(converted), skipped=skipped, files=[str(path)])
 
 
-@dataclass
-class BiFormerLoadReport:
-    """What ``load_biformer_weights`` did: our keys loaded, checkpoint keys skipped, our keys left at init."""
-
-    loaded: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why
-    left_at_init: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """One line with the three counts."""
-        return (
-            f"BiFormer weights: {len(self.loaded)} tensors loaded, {len(self.skipped)} checkpoint "
-            f"entries skipped, {len(self.left_at_init)} model tensors left at initialisation"
-        )
+# The name earlier releases exported; the report is the shared one.
+BiFormerLoadReport = LoadReport
 
 
-def load_biformer_weights(model: BRAUNetPP, path: str | os.PathLike) -> BiFormerLoadReport:
+def load_biformer_weights(model: BRAUNetPP, path: str | os.PathLike) -> LoadReport:
     """Load BiFormer ImageNet weights (``biformer_base_best.pth`` layout) into the encoder.
 
     The checkpoint is a dict whose ``model`` entry holds ``downsample_layers.{0..3}.*``,
@@ -530,9 +502,9 @@ def load_biformer_weights(model: BRAUNetPP, path: str | os.PathLike) -> BiFormer
     (stem, downsampling layers including the bottleneck one, the first encoder_depths[i] blocks of
     stages 0-2); the rest is skipped and the decoder and SCCSA keep their initialisation.
     """
-    sd = _read_state_dict(path, ("model", "state_dict"))
+    sd = read_state_dict(path, ("model", "state_dict"))
     own = model.state_dict()
-    report = BiFormerLoadReport()
+    report = LoadReport(files=[str(path)])
     to_load: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         bare = _strip_prefixes(key, ("module.",)).replace("_checkpoint_wrapped_module.", "")

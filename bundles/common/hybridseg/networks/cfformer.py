@@ -22,17 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridseg.io import InputDataError
 from hybridseg.networks.blocks import init_linear_and_layer_norm_
-from hybridseg.networks.resnet import ResNet34Features
-from hybridseg.networks.resnet import load_weights_file as _load_weights_file
-from hybridseg.networks.resnet import resnet34_state_dict_from_torchvision
+from hybridseg.networks.resnet import ResNet34Features, resnet34_state_dict_from_torchvision
 from hybridseg.networks.swin_v2 import (
+    PRETTY_NAMES,
     SwinV2Features,
     equal_constant,
     relative_coords_table,
     relative_position_index,
+    swin_v2_name_of,
+    swin_v2_shape_of,
     swin_v2_state_dict_from_torchvision,
 )
+from hybridseg.weights import LoadReport, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -381,40 +384,60 @@ def convert_reference_state_dict(sd: Mapping[str, torch.Tensor], in_channels: in
 # --- ImageNet backbones (torchvision checkpoints) ----------------------------------------------------
 
 
+def check_swin_variant(model: CFFormer, sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a Swin-V2 ImageNet file of another size than the variant's (read from the file's shapes), naming
+    the file, the Swin-V2 (and CFFormer variant) it holds and the one this variant needs."""
+    expected = model.encoder.transformer.name
+    found = swin_v2_name_of(sd)
+    if found == expected:
+        return
+    letters = {v: k for k, v in VARIANTS.items()}
+    shape = swin_v2_shape_of(sd)
+    if found is not None:
+        held = f"{PRETTY_NAMES[found]} weights (CFFormer variant {letters[found]!r})"
+    elif shape is not None:
+        held = f"a Swin-V2 of width {shape[0]} and depths {list(shape[1])}, which no CFFormer variant uses"
+    else:
+        held = "no torchvision Swin-V2 weights (no features.0.0.weight patch embedding)"
+    raise InputDataError(
+        path,
+        f"holds {held}, but this CFFormer is variant {model.variant!r}, which needs {PRETTY_NAMES[expected]} "
+        f"({expected}) ImageNet weights; the variant letters s/b/l use Swin-V2-T/S/B",
+    )
+
+
 def load_imagenet_weights(
     model: CFFormer, resnet34: str | os.PathLike | None = None, swin: str | os.PathLike | None = None
-) -> dict[str, dict[str, object]]:
+) -> LoadReport:
     """Load torchvision ImageNet checkpoints into the backbones of ``model`` (all-or-nothing).
 
     ``resnet34`` is a torchvision ``resnet34`` state dict file and ``swin`` the ``swin_v2_{t,s,b}`` file
-    matching the variant (t for ``s``, s for ``b``, b for ``l``). Files are read with
-    ``torch.load(weights_only=True)``; both are checked before either is loaded, and a wrong or
-    mismatched file raises ``InputDataError`` naming it and listing the offending keys. For a 1-channel
-    model the RGB stem kernels are summed. Returns, per loaded backbone, the path, the number of
-    tensors loaded and the checkpoint keys ignored (classifier, constants).
+    matching the variant (t for ``s``, s for ``b``, b for ``l``; checked from the file's shapes). Files are
+    read with ``weights_only=True``; both are checked before either is loaded, and a wrong or mismatched
+    file raises ``InputDataError`` naming it and listing the offending keys. For a 1-channel model the RGB
+    stem kernels are summed. The report lists the model tensors loaded, the checkpoint entries skipped
+    (``<backbone>:<key>``: classifier, constants) and the model tensors left at initialisation (CFCA, XFF,
+    decoder, and a backbone without a file).
     """
     enc = model.encoder
     staged = []
     if resnet34 is not None:
-        sd = _load_weights_file(resnet34)
-        staged.append(("resnet34", resnet34, enc.cnn, sd, resnet34_state_dict_from_torchvision(sd, enc.cnn, resnet34)))
-    if swin is not None:
-        sd = _load_weights_file(swin)
+        sd = load_weights_file(resnet34)
         staged.append(
-            (
-                enc.transformer.name,
-                swin,
-                enc.transformer,
-                sd,
-                swin_v2_state_dict_from_torchvision(sd, enc.transformer, swin),
-            )
+            ("resnet34", resnet34, "encoder.cnn.", sd, resnet34_state_dict_from_torchvision(sd, enc.cnn, resnet34))
         )
-    report: dict[str, dict[str, object]] = {}
-    for name, path, module, raw, converted in staged:
-        module.load_state_dict(converted, strict=True)
-        ignored = sorted(k for k in raw if k not in converted)
-        report[name] = {"path": str(path), "loaded": len(converted), "ignored": ignored}
-        log.info(
-            "loaded %s ImageNet weights from %s (%d tensors, %d ignored)", name, path, len(converted), len(ignored)
-        )
+    if swin is not None:
+        sd = load_weights_file(swin)
+        check_swin_variant(model, sd, swin)
+        converted = swin_v2_state_dict_from_torchvision(sd, enc.transformer, swin)
+        staged.append((enc.transformer.name, swin, "encoder.transformer.", sd, converted))
+    report = LoadReport()
+    for name, path, prefix, raw, converted in staged:
+        model.get_submodule(prefix.rstrip(".")).load_state_dict(converted, strict=True)
+        report.loaded += [prefix + k for k in converted]
+        report.skipped.update({f"{name}:{k}": "not used by CFFormer" for k in sorted(raw) if k not in converted})
+        report.files.append(str(path))
+        log.info("loaded %s ImageNet weights from %s (%d tensors)", name, path, len(converted))
+    loaded = set(report.loaded)
+    report.left_at_init = [k for k in model.state_dict() if k not in loaded]
     return report

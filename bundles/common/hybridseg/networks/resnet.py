@@ -8,94 +8,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from hybridseg.io import InputDataError
+from hybridseg.weights import check_state_dict, fill_missing_bn_counters, load_weights_file, stem_weight_for_channels
 
 RESNET34_LAYERS = (3, 4, 6, 3)
 RESNET34_CHANNELS = (64, 128, 256, 512)
 # torchvision's checkpoint has an ImageNet classifier that the feature extractor does not register.
 TORCHVISION_RESNET_IGNORED = ("fc.weight", "fc.bias")
-
-
-# How many offending keys an error message lists per category (a wrong variant can mismatch hundreds).
-MAX_LISTED_KEYS = 40
-
-
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict (name -> tensor) with ``torch.load(weights_only=True)``; else InputDataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputDataError(path, "weights file does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling/zip failure means the file is not a usable checkpoint
-        raise InputDataError(path, f"cannot be read as a torch state dict ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, Mapping) or not obj:
-        raise InputDataError(path, f"expected a non-empty state dict (name -> tensor), found {type(obj).__name__}")
-    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise InputDataError(path, f"not a plain state dict; entries that are not tensors: {_listing(bad)}")
-    return dict(obj)
-
-
-def _listing(keys: list[str]) -> str:
-    """Comma-separated key list, cut after MAX_LISTED_KEYS with a count of the rest."""
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    rest = len(keys) - MAX_LISTED_KEYS
-    return f"{shown}, ... and {rest} more" if rest > 0 else shown
-
-
-def check_state_dict(
-    sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str | os.PathLike | None, what: str
-) -> None:
-    """Raise InputDataError naming ``source`` when ``sd`` lacks, adds or misshapes keys of ``expected``."""
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshapen = [
-        f"{k} {list(sd[k].shape)} (expected {list(expected[k].shape)})"
-        for k in expected
-        if k in sd and sd[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-    if misshapen:
-        problems.append(f"{len(misshapen)} keys with the wrong shape: {_listing(misshapen)}")
-    if problems:
-        raise InputDataError(source, f"does not match {what}; " + "; ".join(problems))
-
-
-def stem_weight_for_channels(
-    weight: torch.Tensor, in_channels: int, key: str, source: str | os.PathLike | None
-) -> torch.Tensor:
-    """Adapt a pretrained stem conv weight (out, 3, k, k) to ``in_channels``.
-
-    For one channel the RGB kernels are summed: conv(sum_c W_c, g) == conv(W, [g, g, g]), i.e. exactly
-    the network fed the gray image repeated to three channels. Other channel counts have no faithful
-    mapping and are refused.
-    """
-    if weight.ndim != 4 or weight.shape[1] == in_channels:
-        return weight  # nothing to adapt (a wrong rank is reported by the shape check)
-    if weight.shape[1] == 3 and in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    raise InputDataError(
-        source,
-        f"{key} has {weight.shape[1]} input channels and the model {in_channels}; only 3 -> 1 "
-        "(summing the RGB kernels) can be adapted",
-    )
-
-
-def fill_missing_bn_counters(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
-    """Add ``num_batches_tracked`` entries that old checkpoints lack (they are not read in eval)."""
-    for k, v in expected.items():
-        if k.endswith("num_batches_tracked") and k not in sd:
-            sd[k] = torch.zeros_like(v, device="cpu")
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:

@@ -26,7 +26,7 @@ from torch import nn
 
 from hybridseg.io import InputDataError
 from hybridseg.networks.blocks import DropPath, init_linear_and_layer_norm_
-from hybridseg.networks.resnet import check_state_dict, load_weights_file, stem_weight_for_channels
+from hybridseg.weights import check_state_dict, load_weights_file, stem_weight_for_channels
 
 WINDOW = 8
 # Checkpoint keys of torchvision's classifier model that the feature extractor does not register.
@@ -340,6 +340,32 @@ class SwinV2Features(nn.Module):
             if i % 2 == 1:
                 outs.append(x)
         return outs
+
+
+PRETTY_NAMES = {"swin_v2_t": "Swin-V2-T", "swin_v2_s": "Swin-V2-S", "swin_v2_b": "Swin-V2-B"}
+
+
+def swin_v2_shape_of(sd: Mapping[str, torch.Tensor]) -> tuple[int, tuple[int, ...]] | None:
+    """(embedding width, blocks per stage) of a torchvision-layout Swin-V2 state dict, read from its
+    tensors (patch-embedding kernel and the block indices of ``features.1/3/5/7``); None if it is not one."""
+    stem = sd.get("features.0.0.weight")
+    if stem is None or stem.ndim != 4:
+        return None
+    depths = []
+    for stage in (1, 3, 5, 7):
+        prefix = f"features.{stage}."
+        blocks = {k[len(prefix) :].split(".", 1)[0] for k in sd if k.startswith(prefix)}
+        depths.append(len(blocks))
+    return int(stem.shape[0]), tuple(depths)
+
+
+def swin_v2_name_of(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Which torchvision Swin-V2 (``swin_v2_t/s/b``) a state dict holds, by its shapes; None if none fits."""
+    shape = swin_v2_shape_of(sd)
+    for name, cfg in SWIN_V2_CONFIGS.items():
+        if shape == (cfg.embed_dim, cfg.depths):
+            return name
+    return None
 
 
 def swin_v2_state_dict_from_torchvision(

@@ -9,6 +9,7 @@ import fire
 
 from hybridseg.data.busi import datalist_busi
 from hybridseg.data.synapse import datalist_synapse
+from hybridseg.io import InputDataError
 from hybridseg.tools.bench import bench
 from hybridseg.tools.demo import demo
 from hybridseg.tools.export import export
@@ -16,6 +17,7 @@ from hybridseg.tools.package import package
 from hybridseg.tools.synth_busi import synth_busi
 from hybridseg.tools.synth_synapse import synth_synapse
 from hybridseg.tools.transunet import convert_transunet
+from hybridseg.tools.weights import fetch, list_weights
 
 
 def _quiet(fn):
@@ -24,6 +26,20 @@ def _quiet(fn):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         fn(*args, **kwargs)
+
+    return run
+
+
+def _clean_errors(fn):
+    """The command with a bad-input error printed as one line and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except InputDataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return run
 
@@ -38,6 +54,7 @@ COMMANDS = {
     "bench": _quiet(bench),
     "export": _quiet(export),
     "package": _quiet(package),
+    "weights": {"fetch": _clean_errors(fetch), "list": _clean_errors(list_weights)},
 }
 
 # Flags that take several values. fire reads ``--shape 64 64 24`` as ``--shape 64`` plus two stray
@@ -55,6 +72,7 @@ MULTI_VALUE_FLAGS = (
     "--input_shape",
     "--settings",
     "--batches",
+    "--only",
 )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from hybridseg.io import InputDataError, atomic_path
+from hybridseg.weights import read_state_dict, torch_load
 
 log = logging.getLogger("hybridseg.tools.export")
 
@@ -64,15 +65,7 @@ def bundle_parser(bundle: str | os.PathLike, **overrides: Any):
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A network state dict from a bundle checkpoint: a state dict, or a dict holding one under "model"."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputDataError(path, f"cannot be read as a PyTorch checkpoint ({e})") from e
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-        sd = sd["model"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise InputDataError(path, "is not a state dict (nor a dict with one under 'model')")
-    return sd
+    return read_state_dict(path, ("model",))
 
 
 def build_network(
@@ -124,7 +117,7 @@ def export_torchscript(
     # MONAI loads the weights non-strictly; a strict load first gives a clear error for a wrong checkpoint.
     if network is None:
         build_network(bundle, ckpt_file, **overrides)
-    raw = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    raw = torch_load(ckpt_file)
     key = "model" if isinstance(raw.get("model"), dict) else ""
     with atomic_path(filepath) as out:
         ckpt_export(

@@ -11,7 +11,8 @@ Zoo rules checked (a violation raises InputDataError naming the file): metadata 
 schema, ``version`` present in ``changelog`` and the newest entry, JSON indented 4, ``LICENSE`` and
 ``docs/README.md`` present, no file over ``max_file_mb`` (25 MB) inside. Weights (``models/*``) are always
 listed in ``large_files.yml`` with a SHA-256 hash; those over the limit are left out of the bundle and
-written to ``DIR/<name>_large_files/`` for upload to ``weights_url``.
+written to ``DIR/<name>_large_files/`` for upload to ``weights_url``. The pretrained files of the bundle's
+weights manifest (``configs/weights.json``) are listed too, under ``models/pretrained/``.
 """
 
 from __future__ import annotations
@@ -112,11 +113,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def large_files_yml(entries: Sequence[dict[str, str]]) -> str:
-    """The zoo's ``large_files.yml`` (path, url, hash_val, hash_type per file), written without PyYAML."""
+def large_files_yml(entries: Sequence[dict[str, str]], notes: Sequence[str] = ()) -> str:
+    """The zoo's ``large_files.yml`` (path, url, hash_val, hash_type per file), written without PyYAML;
+    ``notes`` become comment lines (files that cannot be listed for download)."""
     lines = [
         "# Weights of this bundle: fetch each file from its url into its path and check its hash.",
-        "# An empty url means the file is not published yet.",
+        "# An empty url means the file is not published yet; an empty hash_val, that only its publisher's hash",
+        "# prefix is known (python -m hybridseg weights fetch checks it and pins the full SHA-256).",
+        *(f"# {n}" for n in notes),
     ]
     if not entries:
         return "\n".join([*lines, "large_files: []", ""])
@@ -126,6 +130,26 @@ def large_files_yml(entries: Sequence[dict[str, str]]) -> str:
         lines += [f"  - path: {json.dumps(e['path'])}", f"    url: {json.dumps(e['url'])}"]
         lines += [f"    hash_val: {json.dumps(e['hash_val'])}", f"    hash_type: {json.dumps(e['hash_type'])}"]
     return "\n".join([*lines, ""])
+
+
+def pretrained_entries(manifest_file: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """``large_files.yml`` entries for the pretrained files of a weights manifest, under
+    ``models/pretrained/`` (where the bundle's ``pretrained=auto`` also looks), and notes for the files
+    with no direct download."""
+    from hybridseg.weights import read_manifest
+
+    if not manifest_file.is_file():
+        return [], []
+    entries, notes = [], []
+    for e in read_manifest(manifest_file).files:
+        path = f"models/pretrained/{e.file}"
+        if e.direct:
+            entries.append(
+                {"path": path, "url": e.url, "hash_val": e.sha256 or "", "hash_type": "sha256" if e.sha256 else ""}
+            )
+        else:
+            notes.append(f"{path}: no direct download ({e.url}); see configs/weights.json for how to get it.")
+    return entries, notes
 
 
 def _vendor(staging: Path) -> None:
@@ -205,7 +229,8 @@ def package(
                 rel = f.relative_to(staging).as_posix()
                 url = f"{weights_url.rstrip('/')}/{f.name}" if weights_url else ""
                 entries.append({"path": rel, "url": url, "hash_val": sha256(f), "hash_type": "sha256"})
-        atomic_write_text(staging / "large_files.yml", large_files_yml(entries))
+        pretrained, notes = pretrained_entries(staging / "configs" / "weights.json")
+        atomic_write_text(staging / "large_files.yml", large_files_yml(entries + pretrained, notes))
         (staging / "large_files.yml").chmod(0o644)
 
         # Weights over the limit leave the bundle (they are in large_files.yml) for separate upload.
