@@ -20,9 +20,12 @@ from tests.reference import REPO_ROOT
 BUNDLES = REPO_ROOT / "bundles"
 NAMES = ["cfformer_busi", "braunetpp_synapse"]
 # CPU-sized overrides that keep each bundle's network class: CFFormer's smallest variant at 64 px;
-# BRAU-Net++ with narrow levels at 64 px (n_win 4 divides its 16/8/4 maps). The second size is one the
-# exported graph must also take: CFFormer any multiple of 32; BRAU-Net++ one with the same routing
-# padding pattern as the export size (every map still a multiple of n_win, see hybridseg.tools.export).
+# BRAU-Net++ with narrow levels at 64 px (n_win 4 divides its 16/8/4 maps). The second size is one every
+# export must also take, traced ones included: CFFormer any multiple of 32; BRAU-Net++ one with the same
+# routing padding pattern as the export size (every map still a multiple of n_win, see hybridseg.tools.export).
+# PADDED_SIZE needs routing padding (96 px: the 6 x 6 level-2 map is padded to 8 for n_win 4): scripted
+# exports take it, traced ones made at 64 px do not.
+PADDED_SIZE = [1, 1, 96, 96]
 TINY = {
     "cfformer_busi": ({"variant": "s", "image_size": [64, 64]}, [1, 3, 96, 128]),
     "braunetpp_synapse": (
@@ -149,9 +152,11 @@ def test_export_command_writes_torchscript_and_onnx_that_match_the_eager_network
     net = build_network(BUNDLES / name, tiny_ckpts[name], **overrides)
     files = {"metadata.json": "", "inference.json": ""}
     ts = torch.jit.load(str(out / "model.ts"), _extra_files=files)
+    assert isinstance(ts, torch.jit.RecursiveScriptModule) and "forward" in ts._c._method_names()
     # ckpt_export embeds the bundle's configs, which the MONAI Deploy operator reads back.
-    assert json.loads(files["metadata.json"])["name"] == name
+    assert json.loads(files["metadata.json"])["name"] == json.loads(_meta(name).read_text())["name"]
     assert "network_def" in json.loads(files["inference.json"])
+    assert (out / "model.ts").stat().st_mode & 0o777 == 0o644
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     first = [1, second[1], *overrides["image_size"]]
@@ -159,21 +164,26 @@ def test_export_command_writes_torchscript_and_onnx_that_match_the_eager_network
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
             ref = net(x)
-            torch.testing.assert_close(ts(x), ref)  # the same traced ops: float32 tolerances
+            torch.testing.assert_close(ts(x), ref)  # the scripted graph runs the eager ops: float32 tolerances
         (got,) = session.run(["pred"], {"image": x.numpy()})
         assert got.shape == tuple(ref.shape)
         # onnxruntime fuses and reorders float ops; relative to the logits' range.
         assert np.abs(got - ref.numpy()).max() <= 1e-4 + 1e-3 * ref.abs().max().item()
     if name == "braunetpp_synapse":
-        # The documented limitation: at 96 px the 6 x 6 level-2 map needs routing padding (to 8 for n_win 4),
-        # which the trace made at 64 px (no padding there) does not have; such sizes need their own export.
-        x = torch.randn(1, 1, 96, 96, generator=torch.Generator().manual_seed(7))
+        # The scripted export decides the routing padding per input; a trace made at 64 px froze "no padding".
+        x = torch.randn(*PADDED_SIZE, generator=torch.Generator().manual_seed(7))
+        traced_file = export_torchscript(
+            BUNDLES / name, tmp_path / "traced.ts", tiny_ckpts[name], use_trace=True, network=net, **overrides
+        )
+        traced_ts = torch.jit.load(str(traced_file))
         with torch.no_grad():
+            ref = net(x)
+            torch.testing.assert_close(ts(x), ref)
             try:
-                traced = ts(x)
+                traced = traced_ts(x)
             except RuntimeError:
                 traced = None
-            assert traced is None or not torch.allclose(traced, net(x), atol=1e-3)
+            assert traced is None or not torch.allclose(traced, ref, atol=1e-3)
 
 
 def test_torchscript_export_rejects_a_checkpoint_of_another_network(tmp_path):
@@ -204,6 +214,8 @@ def test_published_network_exports_match_eager_at_224_and_a_second_size(name, tm
     torch.manual_seed(0)
     net = build_network(bundle)
     torch.save(net.state_dict(), tmp_path / "model.pt")
-    export_torchscript(bundle, tmp_path / "model.ts", tmp_path / "model.pt")
-    compare_torchscript(tmp_path / "model.ts", net, [[1, channels, 224, 224], second])
+    export_torchscript(bundle, tmp_path / "model.ts", tmp_path / "model.pt")  # scripted
+    # BRAU-Net++ at 256: maps 64, 32, 16 need routing padding for n_win 7, which 224 does not
+    shapes = [[1, channels, 224, 224], second] + ([[1, channels, 256, 256]] if name == "braunetpp_synapse" else [])
+    compare_torchscript(tmp_path / "model.ts", net, shapes)
     export_onnx(bundle, tmp_path / "model.onnx", tmp_path / "model.pt", check_shapes=[second])

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -22,11 +24,19 @@ from PIL import Image
 from hybridseg.io import InputDataError
 from hybridseg.tools.cli import main
 from hybridseg.tools.export import build_network
-from hybridseg.tools.package import package, verify_metadata
+from hybridseg.tools.package import (
+    REPOSITORY_ONLY_TEXT,
+    bundle_readme,
+    distribution_names,
+    imported_modules,
+    package,
+    verify_metadata,
+)
+from hybridseg.tools.synth_busi import synth_busi
 from hybridseg.weights import read_manifest
 from tests.bundles.conftest import infer
 from tests.reference import REPO_ROOT
-from tests.tools.test_export import TINY
+from tests.tools.test_export import PADDED_SIZE, TINY
 
 BUNDLES = REPO_ROOT / "bundles"
 NAMES = list(TINY)
@@ -127,6 +137,7 @@ def test_weights_are_listed_in_large_files_yml_with_their_hash_and_big_ones_left
         assert (f.stat().st_size > 25 * 1024 * 1024) == outside.is_file()
         assert e["hash_type"] == "sha256" and e["hash_val"] == hashlib.sha256(f.read_bytes()).hexdigest()
         assert e["url"] == f"{URL}/{Path(e['path']).name}"
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f"{f} is not readable by all, as the zoo's files are"
     # CFFormer-s (98 M parameters) is over the limit; the narrow BRAU-Net++ (5.7 M) is not
     assert large.is_dir() == (name == "cfformer_busi")
     pt = p["folder"] / "models" / "model.pt"
@@ -220,6 +231,175 @@ def test_unpacked_bundle_runs_inference_without_the_repository_like_the_reposito
     assert not list(root.glob("eval")), "outputs went to the given folder only"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_ckpt_export_command_scripts_the_network_inside_the_unpacked_bundle(name, packaged, tmp_path):
+    # The zoo's full verify_bundle.py runs exactly this command (no --use_trace) from the bundle folder.
+    root = _unpack(packaged[name], name, tmp_path / "unpacked")
+    (root / "models" / "model.ts").unlink()
+    python, env = _env_without_the_repository()
+    overrides, second = TINY[name]
+    cmd = ["-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--filepath", "models/model.ts"]
+    cmd += ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json"]
+    cmd += ["--config_file", "configs/inference.json", *_flags(overrides)]  # the CPU-sized network of the checkpoint
+    r = subprocess.run([*python, *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+    ts = torch.jit.load(str(root / "models" / "model.ts"))
+    net = build_network(BUNDLES / name, packaged[name]["ckpt"], **overrides)
+    channels = second[1]
+    # export size, a second size and, for BRAU-Net++, one whose routing padding differs from both
+    shapes = [[1, channels, *overrides["image_size"]], second] + ([PADDED_SIZE] if name == "braunetpp_synapse" else [])
+    for shape in shapes:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            torch.testing.assert_close(ts(x), net(x), msg=lambda m, s=shape: f"{s}: {m}")
+
+
+# The Model Zoo's code-format settings (its setup.cfg [flake8] and [isort] sections, its pyproject.toml
+# [tool.black]) and the commands its runtests.sh --codeformat runs from the zoo's root.
+ZOO_SETUP_CFG = """[flake8]
+select = B,C,E,F,N,P,T4,W,B9
+max_line_length = 120
+ignore =
+    E203
+    E501
+    E741
+    W503
+    W504
+    C408
+    N812
+    B023
+per_file_ignores = __init__.py: F401, __main__.py: F401
+exclude = *.pyi,.git,.eggs,monai/_version.py,versioneer.py,venv,.venv,_version.py
+
+[isort]
+known_first_party = models
+profile = black
+line_length = 120
+skip = .git, .eggs, venv, .venv, versioneer.py, _version.py, conf.py
+skip_glob = *.pyi
+"""
+ZOO_PYPROJECT = """[tool.black]
+line-length = 120
+target-version = ['py37', 'py38', 'py39']
+include = '\\.pyi?$'
+"""
+ZOO_CODEFORMAT = {
+    "isort": ["-m", "isort", "--check"],
+    "black": ["-m", "black", "--skip-magic-trailing-comma", "--check"],
+    "flake8": ["-m", "flake8", "--count", "--statistics"],
+}
+
+
+@pytest.fixture(scope="module")
+def packaged_code(tmp_path_factory) -> dict[str, Path]:
+    """Both bundles packaged without weights (configs, docs, vendored code)."""
+    dist = tmp_path_factory.mktemp("dist")
+    return {name: Path(package(str(BUNDLES / name), str(dist))["folder"]) for name in NAMES}
+
+
+def _zoo_codeformat(zoo: Path) -> dict[str, subprocess.CompletedProcess]:
+    return {
+        tool: subprocess.run([sys.executable, *args, str(zoo)], cwd=zoo, capture_output=True, text=True, timeout=300)
+        for tool, args in ZOO_CODEFORMAT.items()
+    }
+
+
+@pytest.mark.slow
+def test_packaged_bundles_pass_the_zoos_isort_black_and_flake8_unchanged(packaged_code, tmp_path):
+    zoo = tmp_path / "model-zoo"  # a checkout of the zoo with both bundles under models/
+    (zoo / "models").mkdir(parents=True)
+    (zoo / "setup.cfg").write_text(ZOO_SETUP_CFG)
+    (zoo / "pyproject.toml").write_text(ZOO_PYPROJECT)
+    for name, folder in packaged_code.items():
+        shutil.copytree(folder, zoo / "models" / name)
+    for tool, r in _zoo_codeformat(zoo).items():
+        assert r.returncode == 0, f"{tool}:\n{(r.stdout + r.stderr)[-4000:]}"
+    # The same commands do see the vendored code: one badly laid out file there fails each of them.
+    bad = zoo / "models" / NAMES[0] / "scripts" / "hybridseg" / "zz_bad.py"
+    bad.write_text(
+        "from hybridseg.io import atomic_path\nimport os\ndef F( x ):\n    Y=1\n    return x,os,atomic_path\n"
+    )
+    for tool, r in _zoo_codeformat(zoo).items():
+        assert r.returncode != 0 and "zz_bad.py" in r.stdout + r.stderr, tool
+
+
+def test_packaged_code_is_the_runtime_and_its_metadata_declares_every_package_it_imports(packaged_code):
+    for name, folder in packaged_code.items():
+        vendored = folder / "scripts" / "hybridseg"
+        assert not (vendored / "tools").exists() and not (vendored / "__main__.py").exists(), name
+        assert {"networks", "data", "transforms.py", "bundle.py"} <= {p.name for p in vendored.iterdir()}
+        imported = imported_modules([vendored])
+        needed = set(distribution_names(imported - {"monai", "torch", "numpy"}).values())
+        assert needed == {"pytorch-ignite", "pillow", "nibabel", "scipy", "tqdm"}, sorted(imported)
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())
+        declared = {k.lower() for k in meta["required_packages_version"]}
+        assert needed <= declared, f"{name} does not declare {sorted(needed - declared)}"
+        # the repository's tool-only packages (CLI, converters, exports) are not asked of zoo users
+        assert not declared & {"hybridseg", "fire", "h5py", "onnx", "onnxruntime", "pydicom"}, name
+        assert {"monai_version", "pytorch_version", "numpy_version"} <= set(meta)
+        # the zoo's listing shows metadata "name": a display name; the folder is the bundle id
+        assert meta["name"] != name and " " in meta["name"], meta["name"]
+
+
+# The sections of the Model Zoo's README template (docs/readme_template.md), in its order.
+README_SECTIONS = (
+    "### **Authors**",
+    "### **Tags**",
+    "## Model Description",
+    "## Data",
+    "### Preprocessing",
+    "## Training configuration",
+    "## Performance",
+    "## MONAI Bundle Commands",
+    "## System Configuration",
+    "## Limitations",
+    "## Citation",
+    "## References",
+)
+
+
+def _readme_command(text: str, start: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(start)]
+    assert len(lines) == 1, f"one command starting {start!r} expected, found {lines}"
+    return lines[0]
+
+
+def test_packaged_readmes_have_the_zoo_sections_and_only_commands_that_run_from_the_bundle(packaged_code, tmp_path):
+    for name, folder in packaged_code.items():
+        text = (folder / "docs" / "README.md").read_text()
+        headings = [line.strip() for line in text.splitlines() if line.startswith("#")]
+        assert [h for h in headings if h in README_SECTIONS] == list(README_SECTIONS), name
+        for bad in REPOSITORY_ONLY_TEXT:
+            assert bad not in text, f"{name}: {bad!r}"
+        assert "<!--" not in text, name
+        # every config and model path a command names is the bundle's own
+        for path in set(re.findall(r"(?<![\w/])configs/[\w.]+\.json", text)):
+            assert (folder / path).is_file(), f"{name} README names {path}"
+        assert "--filepath models/model.ts --ckpt_file models/model.pt --meta_file configs/metadata.json" in text
+    # The data-preparation command of the packaged README runs from the bundle folder, repository out of reach.
+    python, env = _env_without_the_repository()
+    synth_busi(str(tmp_path / "busi"), n=6, size=32)
+    cmd = _readme_command((packaged_code["cfformer_busi"] / "docs" / "README.md").read_text(), 'python -c "import')
+    cmd = cmd.replace("/data/Dataset_BUSI_with_GT", str(tmp_path / "busi"))
+    r = subprocess.run([*python, *shlex.split(cmd)[1:]], cwd=packaged_code["cfformer_busi"], env=env)
+    assert r.returncode == 0 and json.loads((tmp_path / "busi" / "datalist.json").read_text())["training"]
+    cmd = _readme_command((packaged_code["braunetpp_synapse"] / "docs" / "README.md").read_text(), 'python -c "import')
+    cmd = cmd.replace("/data/Synapse", str(tmp_path / "no_synapse"))
+    args = [*python, *shlex.split(cmd)[1:]]
+    r = subprocess.run(args, cwd=packaged_code["braunetpp_synapse"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "InputDataError" in r.stderr and "no_synapse" in r.stderr, r.stderr[-2000:]
+
+
+def test_bundle_readme_refuses_repository_only_text_outside_the_markers():
+    text = "# x\n<!-- repository-only -->\n`make demo`\n<!-- /repository-only -->\n<!-- bundle-only\nFrom here\n-->\n"
+    assert bundle_readme(text + "run `bundles/x/configs/a.json`\n", "x") == "# x\n\nFrom here\nrun `configs/a.json`\n"
+    with pytest.raises(InputDataError, match="'python -m hybridseg' only works in the repository.*line 4") as err:
+        bundle_readme(text + "python -m hybridseg synth_busi\n", "x", "README.md")
+    assert "README.md" in str(err.value)
+
+
 def _copy_bundle(name: str, where: Path) -> Path:
     dst = where / name
     for item in ("configs", "docs", "LICENSE"):
@@ -232,6 +412,13 @@ def _set_version(b: Path, version: str) -> None:
     f = b / "configs" / "metadata.json"
     meta = json.loads(f.read_text())
     meta["version"] = version
+    f.write_text(json.dumps(meta, indent=4) + "\n")
+
+
+def _drop_requirement(b: Path, package_name: str) -> None:
+    f = b / "configs" / "metadata.json"
+    meta = json.loads(f.read_text())
+    del meta["required_packages_version"][package_name]
     f.write_text(json.dumps(meta, indent=4) + "\n")
 
 
@@ -252,6 +439,7 @@ def _add_changelog(b: Path) -> None:
         (lambda b: _set_version(b, "0.3.0"), "metadata.json", "0.3.0 has no changelog entry"),
         (_add_changelog, "metadata.json", "not the newest changelog entry"),
         (lambda b: (b / "docs" / "big.bin").write_bytes(b"0" * 3_000_000), "big.bin", "over 2 MB"),
+        (lambda b: _drop_requirement(b, "scipy"), "metadata.json", r"lacks \['scipy'\], which the vendored code"),
     ],
 )
 def test_package_refuses_a_bundle_that_breaks_a_zoo_rule_naming_the_file(breaks, culprit, problem, tmp_path):

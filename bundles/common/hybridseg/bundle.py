@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -26,9 +25,10 @@ def bundle_root(name: str) -> str:
     if _is_bundle(cwd, name):
         return str(cwd)
     here = Path(__file__).resolve().parent
-    for candidate in (here.parents[1] / name, here.parents[1], here.parents[0]):
-        if _is_bundle(candidate, name):
-            return str(candidate)
+    if _is_bundle(here.parents[1] / name, name):
+        return str(here.parents[1] / name)
+    if here.parent.name == "scripts" and (here.parents[1] / "configs" / "metadata.json").is_file():
+        return str(here.parents[1])  # the packaged bundle this copy was vendored into, whatever its folder name
     for candidate in (cwd / "bundles" / name, cwd / name):
         if _is_bundle(candidate, name):
             return str(candidate.resolve())
@@ -39,13 +39,8 @@ def bundle_root(name: str) -> str:
 
 
 def _is_bundle(path: Path, name: str) -> bool:
-    meta = path / "configs" / "metadata.json"
-    if not meta.is_file():
-        return False
-    try:
-        return json.loads(meta.read_text()).get("name") == name
-    except (OSError, ValueError):
-        return False
+    """A bundle folder named ``name`` (the bundle id; metadata ``name`` is a display name, as in the zoo)."""
+    return path.name == name and (path / "configs" / "metadata.json").is_file()
 
 
 def default_device() -> torch.device:

@@ -21,6 +21,11 @@ class InputDataError(ValueError):
         return f"{self.path}: {self.problem}" if self.path is not None else self.problem
 
 
+def shape_str(shape: list[int]) -> str:
+    """``(1, 3, 64, 64)``: a tensor shape for error messages, alike in eager and TorchScript code."""
+    return "(" + ", ".join([str(d) for d in shape]) + ")"
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it is renamed onto ``dest`` (atomic on POSIX).

@@ -61,12 +61,12 @@ def run_app(module: str, input_path: Path, model: Path, output: Path, timeout: i
     return proc
 
 
-def export_tiny_bundle(bundle: str, work: Path, overrides: dict, input_shape: list[int], seed: int = 0) -> dict:
+def export_tiny_bundle(bundle: str, work: Path, overrides: dict, seed: int = 0) -> dict:
     """A randomly initialised network of ``bundle`` with CPU-sized ``overrides``, exported as the zoo does.
 
     Writes ``work/configs/inference.json`` (the bundle's inference.json with ``overrides`` applied: the
     TorchScript embeds the config file's text, so the tiny sizes must be in the file),
-    ``work/models/model.pt`` and ``work/models/model.ts`` from ``monai.bundle ckpt_export --use_trace True``.
+    ``work/models/model.pt`` and ``work/models/model.ts`` from ``monai.bundle ckpt_export`` (scripted, its default).
     """
     from monai.bundle import ConfigParser
 
@@ -86,7 +86,7 @@ def export_tiny_bundle(bundle: str, work: Path, overrides: dict, input_shape: li
     cmd = [
         sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def",
         "--filepath", str(ts), "--ckpt_file", str(ckpt), "--meta_file", str(src / "metadata.json"),
-        "--config_file", str(config_file), "--use_trace", "True", "--input_shape", json.dumps(input_shape),
+        "--config_file", str(config_file),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert proc.returncode == 0 and ts.is_file(), f"ckpt_export failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     (work / "png").mkdir()
     Image.fromarray(gray).save(work / "png" / "case1.png")
     series_uid = write_us_image(work / "dicom" / "case1.dcm", gray)
-    exported = export_tiny_bundle("cfformer_busi", work / "bundle", TINY, [1, 3, 64, 64])
+    exported = export_tiny_bundle("cfformer_busi", work / "bundle", TINY)
     outs = {}
     for kind in ("png", "dicom"):
         outs[kind] = work / f"app_{kind}"

@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("synapse_deploy")
     hu, _, spacing = make_ct_case((64, 56, 6), np.random.default_rng(3))
     series_uid = write_ct_series(work / "dicom" / "series1", hu, spacing)
-    exported = export_tiny_bundle("braunetpp_synapse", work / "bundle", TINY, [1, 1, 64, 64])
+    exported = export_tiny_bundle("braunetpp_synapse", work / "bundle", TINY)
     app_out = work / "app_out"
     app_out.mkdir()
     run_app("hybridseg.tools.deploy.synapse_app", work / "dicom", exported["ts"], app_out)

@@ -26,6 +26,10 @@ What differs from the reference is how it is computed, not what:
   of the region means, are masked as keys, are never routed to when a region holds no real pixel,
   and their outputs are cropped; LCE runs on the unpadded v. A map that needs no padding takes the
   unmasked path, so the 224 / n_win 7 and 256 / n_win 8 networks compute exactly the reference.
+* Routing (region means and logits) runs in float32 with autocast switched off, so mixed-precision
+  runs route like float32 ones. A TorchScript graph cannot switch autocast off, so scripted modules
+  route in float64, the one float type autocast never casts (the same regions except for logits tied
+  within float32 rounding).
 """
 
 from __future__ import annotations
@@ -68,11 +72,20 @@ class TopkRouting(nn.Module):
     def forward(
         self, q_region: torch.Tensor, k_region: torch.Tensor, key_valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(q_region.device.type, enabled=False):
-            logits = (q_region.float() * self.scale) @ k_region.float().transpose(-2, -1)
-            if key_valid is not None:
-                logits = logits.masked_fill(~key_valid, float("-inf"))
-            return torch.topk(logits, k=self.topk, dim=-1).indices
+        with torch.no_grad():
+            if torch.jit.is_scripting():
+                return self._route(q_region, k_region, key_valid, torch.float64)  # autocast-proof (module docstring)
+            with torch.autocast(q_region.device.type, enabled=False):
+                return self._route(q_region, k_region, key_valid, torch.float32)
+
+    def _route(
+        self, q_region: torch.Tensor, k_region: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Top-k key regions by the logits computed in ``dtype``."""
+        logits = (q_region.to(dtype) * self.scale) @ k_region.to(dtype).transpose(-2, -1)
+        if key_valid is not None:
+            logits = logits.masked_fill(~key_valid, float("-inf"))
+        return torch.topk(logits, k=self.topk, dim=-1).indices
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -122,12 +135,13 @@ class BiLevelRoutingAttention(nn.Module):
         q, kv = qkv[..., :dk], qkv[..., dk:]
 
         # Which pixels of the padded map are real: (S*S, hr*wr) bool, shared by the whole batch.
-        valid = None
+        valid: torch.Tensor | None = None
         if padded:
             grid = torch.zeros(hr * s, wr * s, 1, dtype=torch.bool, device=x.device)
             grid[:height, :width] = True
             valid = partition_regions(grid.unsqueeze(0), s).squeeze(-1)
-        r_idx = self.router(*self._region_descriptors(xr, n, valid))
+        q_region, k_region, key_valid = self._region_descriptors(xr, n, valid)
+        r_idx = self.router(q_region, k_region, key_valid)
 
         out = regions_to_image(self._attend(q, kv, r_idx, valid), n, s, hr, wr)  # (N, S, hr, S, wr, C) view
         v = regions_to_image(kv[..., dk:], n, s, hr, wr).reshape(n, hr * s, wr * s, c)
@@ -152,18 +166,27 @@ class BiLevelRoutingAttention(nn.Module):
         Padded pixels of x are zero, so dividing the region sum by the number of real pixels leaves
         them out of the mean.
         """
+        with torch.no_grad():
+            if torch.jit.is_scripting():
+                return self._region_means(xr, n, valid, torch.float64)  # autocast-proof (module docstring)
+            with torch.autocast(xr.device.type, enabled=False):
+                return self._region_means(xr, n, valid, torch.float32)
+
+    def _region_means(
+        self, xr: torch.Tensor, n: int, valid: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``_region_descriptors`` computed in ``dtype`` (pixel sums in float32)."""
         r = self.n_win * self.n_win
-        with torch.no_grad(), torch.autocast(xr.device.type, enabled=False):
-            x_sum = xr.sum(1, dtype=torch.float32)  # (N*S*S, C)
-            key_valid = None
-            if valid is None:
-                x_mean = x_sum / xr.shape[1]
-            else:
-                count = valid.sum(1, keepdim=True)  # (S*S, 1) real pixels per region
-                x_mean = (x_sum.view(n, r, -1) / count.clamp(min=1)).view(n * r, -1)
-                key_valid = (count.squeeze(1) > 0).view(1, 1, r)  # a region without any is never routed to
-            dk = self.qk_dim
-            qk = F.linear(x_mean, self.qkv.weight[: 2 * dk].float(), self.qkv.bias[: 2 * dk].float())
+        x_sum = xr.sum(1, dtype=torch.float32).to(dtype)  # (N*S*S, C)
+        key_valid: torch.Tensor | None = None
+        if valid is None:
+            x_mean = x_sum / xr.shape[1]
+        else:
+            count = valid.sum(1, keepdim=True)  # (S*S, 1) real pixels per region
+            x_mean = (x_sum.view(n, r, -1) / count.clamp(min=1)).view(n * r, -1)
+            key_valid = (count.squeeze(1) > 0).view(1, 1, r)  # a region without any is never routed to
+        dk = self.qk_dim
+        qk = F.linear(x_mean, self.qkv.weight[: 2 * dk].to(dtype), self.qkv.bias[: 2 * dk].to(dtype))
         return qk[:, :dk].view(n, r, dk), qk[:, dk:].view(n, r, dk), key_valid
 
     def _attend(
@@ -187,18 +210,21 @@ class BiLevelRoutingAttention(nn.Module):
             chunk = max(1, min(b, self.kv_chunk_bytes // per_region))
         if chunk >= b:
             return self._attend_chunk(q, kv, flat_idx, valid)
-        outs = []
+        outs: list[torch.Tensor] = []
         for start in range(0, b, chunk):
-            sl = slice(start, min(b, start + chunk))
-            if grad:
-                outs.append(
-                    torch.utils.checkpoint.checkpoint(
-                        self._attend_chunk, q[sl], kv, flat_idx[sl], valid, use_reentrant=False
-                    )
-                )
+            end = min(b, start + chunk)
+            if grad and not torch.jit.is_scripting():
+                outs.append(self._attend_chunk_checkpointed(q[start:end], kv, flat_idx[start:end], valid))
             else:
-                outs.append(self._attend_chunk(q[sl], kv, flat_idx[sl], valid))
+                outs.append(self._attend_chunk(q[start:end], kv, flat_idx[start:end], valid))
         return torch.cat(outs, 0)
+
+    @torch.jit.unused
+    def _attend_chunk_checkpointed(
+        self, q: torch.Tensor, kv: torch.Tensor, flat_idx: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``_attend_chunk`` recomputed in the backward pass instead of storing the gathered keys/values."""
+        return torch.utils.checkpoint.checkpoint(self._attend_chunk, q, kv, flat_idx, valid, use_reentrant=False)
 
     def _attend_chunk(
         self, q: torch.Tensor, kv: torch.Tensor, flat_idx: torch.Tensor, valid: torch.Tensor | None
@@ -215,7 +241,7 @@ class BiLevelRoutingAttention(nn.Module):
         qh = q.view(b, t, m, dk // m).transpose(1, 2)
         kh = kv_sel[..., :dk].view(b, length, m, dk // m).transpose(1, 2)
         vh = kv_sel[..., dk:].view(b, length, m, c // m).transpose(1, 2)
-        mask = None
+        mask: torch.Tensor | None = None
         if valid is not None:
             r = self.n_win * self.n_win
             mask = valid[flat_idx % r].view(b, 1, 1, length)  # padded pixels never act as keys

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridseg.io import InputDataError
+from hybridseg.io import InputDataError, shape_str
 from hybridseg.networks.blocks import DropPath, init_linear_and_layer_norm_
 from hybridseg.networks.bra import DEFAULT_KV_CHUNK_BYTES, BiLevelRoutingAttention
 from hybridseg.weights import LoadReport, read_state_dict
@@ -51,18 +51,13 @@ __all__ = [
 ]
 
 
-def _conv_nhwc(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply an NCHW conv (or conv + BN sequence) to an NHWC tensor through its channels-last view."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
 def _pixel_shuffle_nhwc(x: torch.Tensor, r: int) -> torch.Tensor:
     """(B, H, W, r*r*C) -> (B, r*H, r*W, C), channel (p1*r + p2)*C + c to pixel (r*h + p1, r*w + p2).
 
     This is einops ``b h w (p1 p2 c) -> b (h p1) (w p2) c``, not ``nn.PixelShuffle`` (order (c p1 p2)).
     """
     b, h, w, c = x.shape
-    c //= r * r
+    c = c // (r * r)  # not //=, which TorchScript does not parse
     return x.view(b, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c)
 
 
@@ -135,7 +130,7 @@ class BRAUBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)
-        x = x + _conv_nhwc(self.pos_embed, x)
+        x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # NCHW conv on the channels-last view
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -316,9 +311,9 @@ class BRAUNetPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"BRAUNetPP expects (B, {self.in_channels}, H, W) images, got shape {tuple(x.shape)}")
+            raise ValueError(f"BRAUNetPP expects (B, {self.in_channels}, H, W) images, got shape {shape_str(x.shape)}")
         if x.shape[2] % 32 or x.shape[3] % 32:
-            raise ValueError(f"BRAUNetPP needs H and W that are multiples of 32, got {tuple(x.shape[2:])}")
+            raise ValueError(f"BRAUNetPP needs H and W that are multiples of 32, got {shape_str(x.shape[2:])}")
         if self.in_channels == 1:
             x = x.expand(-1, 3, -1, -1)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -327,8 +322,10 @@ class BRAUNetPP(nn.Module):
             x = level(x)
             skips.append(x)
         x = self.bottleneck_expand(self.bottleneck(x))
-        for i in (2, 1, 0):
-            x = self.decoder[i](x, skips[i])
+        # Deepest level first, written out: TorchScript indexes submodules by literal positions only.
+        x = self.decoder[2](x, skips[2])
+        x = self.decoder[1](x, skips[1])
+        x = self.decoder[0](x, skips[0])
         x = self.final_expand(self.norm_up(x))
         # The 1x1 head conv as a per-pixel Linear on NHWC; its NCHW view is channels-last memory.
         return F.linear(x, self.head.weight.flatten(1)).permute(0, 3, 1, 2)

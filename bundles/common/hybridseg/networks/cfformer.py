@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridseg.io import InputDataError
+from hybridseg.io import InputDataError, shape_str
 from hybridseg.networks.blocks import init_linear_and_layer_norm_
 from hybridseg.networks.resnet import ResNet34Features, resnet34_state_dict_from_torchvision
 from hybridseg.networks.swin_v2 import (
@@ -170,6 +170,8 @@ class CFFormerEncoder(nn.Module):
     Skips: (64, H/2) from the ResNet stem, then (Ct_k, H/2^(k+1)) from XFF_k for k = 1..4.
     """
 
+    __jit_unused_properties__ = ["skip_channels"]  # construction-time information, not part of a scripted forward
+
     def __init__(self, swin_name: str, in_channels: int, stochastic_depth_prob: float | None = None) -> None:
         super().__init__()
         self.cnn = ResNet34Features(in_channels)
@@ -186,20 +188,33 @@ class CFFormerEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, C_in, H, W) -> [skip0, skip1, skip2, skip3, skip4]."""
-        cnn, feats = self.cnn, self.transformer.features
-        skips = [cnn.stem(x)]
-        cnn_in = cnn.maxpool(skips[0])
-        trans_in = x  # the Swin branch starts from the raw image (patch embedding)
-        fusions = [(self.cfca1, self.xff1), (self.cfca2, self.xff2), (self.cfca3, self.xff3), (self.cfca4, self.xff4)]
-        for k, (stage, (cfca, xff)) in enumerate(zip(cnn.stages(), fusions, strict=True)):
-            c = stage(cnn_in)
-            t = feats[2 * k + 1](feats[2 * k](trans_in)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
-            to_cnn, to_trans = cfca(t, c)
-            cnn_in = c + to_cnn  # both fused streams feed the next stage of their own branch
-            t_fused = t + to_trans
-            skips.append(xff(t_fused, cnn_in))
-            trans_in = t_fused.permute(0, 2, 3, 1)
+        skips = [self.cnn.stem(x)]
+        # The four stages written out: TorchScript indexes submodules by literal positions only. The Swin
+        # branch starts from the raw image (patch embedding); its NHWC stage outputs are viewed as NCHW.
+        c = self.cnn.layer1(self.cnn.maxpool(skips[0]))
+        t = self.transformer.features[1](self.transformer.features[0](x)).permute(0, 3, 1, 2)
+        c, t = _exchange(c, t, self.cfca1(t, c))
+        skips.append(self.xff1(t, c))
+        c = self.cnn.layer2(c)
+        t = self.transformer.features[3](self.transformer.features[2](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        c, t = _exchange(c, t, self.cfca2(t, c))
+        skips.append(self.xff2(t, c))
+        c = self.cnn.layer3(c)
+        t = self.transformer.features[5](self.transformer.features[4](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        c, t = _exchange(c, t, self.cfca3(t, c))
+        skips.append(self.xff3(t, c))
+        c = self.cnn.layer4(c)
+        t = self.transformer.features[7](self.transformer.features[6](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        c, t = _exchange(c, t, self.cfca4(t, c))
+        skips.append(self.xff4(t, c))
         return skips
+
+
+def _exchange(
+    cnn: torch.Tensor, trans: torch.Tensor, cfca_out: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add CFCA's (to_cnn, to_trans) to the branches; both fused streams feed the next stage of their own."""
+    return cnn + cfca_out[0], trans + cfca_out[1]
 
 
 def reference_init_(module: nn.Module) -> None:
@@ -235,6 +250,7 @@ class CFFormer(nn.Module):
             raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
         self.variant, self.in_channels, self.num_classes = variant, in_channels, num_classes
         self.swin_name = VARIANTS[variant]  # the torchvision ImageNet Swin-V2 model this variant is built on
+        self.size_multiple = SIZE_MULTIPLE  # an attribute: scripted code reads no module globals
         self.encoder = CFFormerEncoder(VARIANTS[variant], in_channels, stochastic_depth_prob)
         self.decoder = CFFormerDecoder(self.encoder.skip_channels)
         self.head = SegmentationHead(STEM_CHANNELS, num_classes)
@@ -247,9 +263,10 @@ class CFFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, num_classes, H, W) raw logits (no sigmoid/softmax)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"CFFormer expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
-        if x.shape[2] % SIZE_MULTIPLE or x.shape[3] % SIZE_MULTIPLE:
-            raise ValueError(f"CFFormer needs H and W that are multiples of {SIZE_MULTIPLE}, got {tuple(x.shape[2:])}")
+            raise ValueError(f"CFFormer expects (B, {self.in_channels}, H, W) input, got {shape_str(x.shape)}")
+        multiple = self.size_multiple
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(f"CFFormer needs H and W that are multiples of {multiple}, got {shape_str(x.shape[2:])}")
         # channels_last throughout: oneDNN convolutions run 2-5x faster in it on CPU, and it is the
         # Swin branch's native NHWC layout, so the hand-overs between the branches are free views.
         x = x.contiguous(memory_format=torch.channels_last)

@@ -101,10 +101,11 @@ class ResNet34Features(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, C_in, H, W) -> [stem (64, H/2), layer1 (64, H/4), layer2 (128, H/8), ... (512, H/32)]."""
         feats = [self.stem(x)]
-        y = self.maxpool(feats[0])
-        for stage in self.stages():
-            y = stage(y)
-            feats.append(y)
+        # Stages by name, not through ``stages()``: TorchScript cannot iterate over a list of modules.
+        feats.append(self.layer1(self.maxpool(feats[0])))
+        feats.append(self.layer2(feats[-1]))
+        feats.append(self.layer3(feats[-1]))
+        feats.append(self.layer4(feats[-1]))
         return feats
 
 

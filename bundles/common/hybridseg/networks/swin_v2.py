@@ -92,23 +92,22 @@ def equal_constant(value: torch.Tensor, const: torch.Tensor) -> bool:
     return value.shape == const.shape and torch.equal(value.detach().cpu().to(const.dtype), const)
 
 
-class WindowLayout(NamedTuple):
-    """Where each token goes for (shifted) window attention on one (H, W) map.
+# Functional form: TorchScript cannot resolve the string annotations that ``from __future__`` makes.
+WindowLayout = NamedTuple(  # noqa: UP014 - see above
+    "WindowLayout",
+    [("gather", torch.Tensor), ("scatter", torch.Tensor), ("shift_mask", torch.Tensor | None), ("padded", bool)],
+)
+WindowLayout.__doc__ = """Where each token goes for (shifted) window attention on one (H, W) map.
 
-    ``gather`` (nW*N,): for every window slot (windows row-major, tokens row-major inside) the flat
-    index ``y*W + x`` of its source token after the cyclic shift, or ``H*W`` for a zero padding token.
-    ``scatter`` (H*W,): the window slot of every original token (inverse of ``gather``).
-    ``shift_mask`` (nW, 1, N, N) additive float mask, or None when the shift is off on both axes.
-    """
-
-    gather: torch.Tensor
-    scatter: torch.Tensor
-    shift_mask: torch.Tensor | None
-    padded: bool
+``gather`` (nW*N,): for every window slot (windows row-major, tokens row-major inside) the flat
+index ``y*W + x`` of its source token after the cyclic shift, or ``H*W`` for a zero padding token.
+``scatter`` (H*W,): the window slot of every original token (inverse of ``gather``).
+``shift_mask`` (nW, 1, N, N) additive float mask, or None when the shift is off on both axes.
+"""
 
 
 def window_layout(
-    h: int, w: int, window: int, shift: int, device: torch.device | str = "cpu", traced: bool = False
+    h: int, w: int, window: int, shift: int, device: torch.device | None = None, traced: bool = False
 ) -> WindowLayout:
     """Index maps equal to torchvision's zero pad to the window, ``roll(-shift)`` and partition (and back).
 
@@ -116,10 +115,13 @@ def window_layout(
     ``traced`` (sizes are traced tensors inside ``torch.jit.trace``) nothing depends on a Python
     decision about the size: the layout always has a zero token and, for shifted blocks, a mask (all
     zeros where the shift is dropped), so the traced graph stays right for every input size.
+    ``device`` None means the CPU.
     """
+    if device is None:
+        device = torch.device("cpu")
     ph, pw = h + (window - h % window) % window, w + (window - w % window) % window
     # shift * (P > window): arithmetic rather than a branch, so it also holds for traced sizes.
-    sh, sw = shift * (ph > window), shift * (pw > window)
+    sh, sw = _shift_if(shift, ph > window), _shift_if(shift, pw > window)
     rows = (torch.arange(ph) + sh) % ph  # roll(-s): rolled row r holds source row (r + s) mod size
     cols = (torch.arange(pw) + sw) % pw
     nwh, nww = ph // window, pw // window
@@ -138,6 +140,13 @@ def window_layout(
         needs_mask, padded = bool(sh or sw), bool(ph != h or pw != w)
     mask = shift_region_mask(ph, pw, window, sh, sw).unsqueeze(1).to(device) if needs_mask else None
     return WindowLayout(gather.to(device), scatter.to(device), mask, padded)
+
+
+def _shift_if(shift: int, fits: bool) -> int:
+    """``shift`` if ``fits`` else 0; a product in eager mode (traced sizes make ``fits`` a tensor)."""
+    if torch.jit.is_scripting():
+        return shift if fits else 0
+    return shift * fits
 
 
 @functools.lru_cache(maxsize=128)
@@ -186,7 +195,9 @@ class ShiftedWindowAttentionV2(nn.Module):
         return (16 * torch.sigmoid(bias)).unsqueeze(0)
 
     def layout(self, h: int, w: int, device: torch.device) -> WindowLayout:
-        """Window layout of an (h, w) map: cached per (device, size) in eager mode, rebuilt when tracing."""
+        """Window layout of an (h, w) map: cached per (device, size) in eager mode, built per call in graphs."""
+        if torch.jit.is_scripting():
+            return window_layout(h, w, self.window, self.shift, device)  # a scripted module sees real sizes
         if torch.jit.is_tracing():
             # Built inside the graph, so a trace follows the input size instead of freezing it.
             return window_layout(h, w, self.window, self.shift, device, traced=True)
@@ -213,8 +224,9 @@ class ShiftedWindowAttentionV2(nn.Module):
         q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
         k = F.normalize(k, dim=-1).to(v.dtype)
         mask = self.relative_position_bias()  # (1, heads, N, N)
-        if layout.shift_mask is not None:
-            mask = (mask + layout.shift_mask).repeat(b, 1, 1, 1)  # windows vary fastest within B*nW
+        shift_mask = layout.shift_mask  # a local, so TorchScript can refine the Optional
+        if shift_mask is not None:
+            mask = (mask + shift_mask).repeat(b, 1, 1, 1)  # windows vary fastest within B*nW
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=1.0)
         out = self.proj(out.transpose(1, 2).reshape(-1, n, c))
         # One gather undoes the partition and the roll and drops the padding.
@@ -292,6 +304,8 @@ class SwinV2Features(nn.Module):
     ``forward`` returns the four stage outputs (B, H/4, W/4, D), (B, H/8, W/8, 2D), ..., (B, H/32, W/32, 8D).
     Stage k (1-based) is ``features[2k-2]`` (patch embedding or merging) then ``features[2k-1]`` (blocks).
     """
+
+    __jit_unused_properties__ = ["channels"]  # construction-time information, not part of a scripted forward
 
     def __init__(self, name: str = "swin_v2_s", in_channels: int = 3, stochastic_depth_prob: float | None = None):
         super().__init__()

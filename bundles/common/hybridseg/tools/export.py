@@ -1,21 +1,23 @@
 """Exports of a bundle's network: TorchScript through MONAI's ``ckpt_export`` and ONNX checked in onnxruntime.
 
-TorchScript is made by tracing: ``torch.jit.script`` fails on both networks (type annotations such as
-``list[nn.Module]`` in the ResNet, a variable that is None or a tensor in bi-level routing attention), and
-``ckpt_export --use_trace True`` is what the Model Zoo documents for such networks. The file carries the
-bundle's ``metadata.json`` and ``inference.json`` under ``extra/``, as the MONAI Deploy operator expects.
+TorchScript is made by scripting, as ``ckpt_export`` does by default (and the Model Zoo's CI runs it):
+both networks compile with ``torch.jit.script``, so the file keeps every size-dependent decision (Swin's
+window padding and shift, bi-level routing's padding to ``n_win``) and runs at any size the eager network
+takes. Tracing (``use_trace=True``) stays available. The file carries the bundle's ``metadata.json`` and
+``inference.json`` under ``extra/``, as the MONAI Deploy operator expects.
 
-ONNX uses torch's TorchScript-based exporter (``dynamo=False``): it follows the same trace, which the
-networks are written to keep size-independent (Swin window layouts are built from traced sizes), so the
-exported graph takes other input sizes. The dynamo exporter (torch 2.13's default) failed to decompose
-CFFormer (a ``view`` on a non-contiguous tensor) after more than two minutes on 2 cores.
+ONNX uses torch's TorchScript-based exporter (``dynamo=False``), which traces: the networks are written
+to keep the trace size-independent where they can (Swin window layouts are built from traced sizes). The
+dynamo exporter (torch 2.13's default) failed to decompose CFFormer (a ``view`` on a non-contiguous tensor)
+after more than two minutes on 2 cores.
 
-Input sizes a traced/exported network accepts besides its export size:
-* CFFormer: any H, W that are multiples of 32.
-* BRAU-Net++: sizes with the same bi-level routing padding pattern as the export size, because the
-  decision to pad a map to a multiple of ``n_win`` is a Python branch frozen by the trace. Exported at
-  224 with ``n_win`` 7 (maps 56, 28, 14, 7 are multiples of 7), it runs at multiples of 224 (448, ...);
-  other sizes need an export at that size.
+Input sizes an exported network accepts besides its export size:
+* scripted TorchScript: every size the eager network takes (H, W multiples of 32);
+* traced TorchScript and ONNX of CFFormer: any H, W that are multiples of 32;
+* traced TorchScript and ONNX of BRAU-Net++: sizes with the same bi-level routing padding pattern as the
+  export size, because the decision to pad a map to a multiple of ``n_win`` is a Python branch frozen by
+  the trace. Exported at 224 with ``n_win`` 7 (maps 56, 28, 14, 7 are multiples of 7), it runs at
+  multiples of 224 (448, ...); other sizes need an export at that size.
 """
 
 from __future__ import annotations
@@ -101,22 +103,27 @@ def export_torchscript(
     ckpt_file: str | os.PathLike,
     input_shape: Sequence[int] | None = None,
     *,
+    use_trace: bool = False,
     network: torch.nn.Module | None = None,
     **overrides: Any,
 ) -> Path:
-    """Trace the bundle's network with its weights from ``ckpt_file`` (MONAI's ``ckpt_export``) into
-    ``filepath``, written atomically. ``overrides`` are config overrides (e.g. ``variant="s"``).
-    ``network``: the network already loaded strictly from ``ckpt_file`` (saves building it again)."""
+    """Script (or with ``use_trace`` trace, at ``input_shape``) the bundle's network with its weights from
+    ``ckpt_file`` through MONAI's ``ckpt_export`` into ``filepath``, written atomically with mode 0644.
+    ``overrides`` are config overrides (e.g. ``variant="s"``). ``network``: the network already loaded
+    strictly from ``ckpt_file`` (saves building it again)."""
     from monai.bundle import ckpt_export
 
     config, meta = bundle_config_files(bundle)
-    shape = list(input_shape) if input_shape else example_input_shape(bundle, **overrides)
     filepath = Path(filepath)
     if Path(ckpt_file).resolve() == filepath.resolve():
         raise InputDataError(filepath, "is the checkpoint being exported; choose another output path")
     # MONAI loads the weights non-strictly; a strict load first gives a clear error for a wrong checkpoint.
     if network is None:
         build_network(bundle, ckpt_file, **overrides)
+    trace_args: dict[str, Any] = {}
+    if use_trace:
+        shape = list(input_shape) if input_shape else example_input_shape(bundle, **overrides)
+        trace_args = {"use_trace": True, "input_shape": shape}
     raw = torch_load(ckpt_file)
     key = "model" if isinstance(raw.get("model"), dict) else ""
     with atomic_path(filepath) as out:
@@ -127,11 +134,11 @@ def export_torchscript(
             ckpt_file=str(ckpt_file),
             meta_file=str(meta),
             config_file=str(config),
-            use_trace=True,
-            input_shape=shape,
             bundle_root=str(Path(bundle).resolve()),
+            **trace_args,
             **overrides,
         )
+        out.chmod(0o644)  # as the checkpoint beside it, not the temporary file's private 0600
     return filepath
 
 
@@ -193,6 +200,7 @@ def export_onnx(
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
         )
+        out.chmod(0o644)  # as the checkpoint, not the temporary file's private 0600
         onnx.checker.check_model(str(out))
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         for i, s in enumerate([shape, *check_shapes]):
@@ -218,13 +226,15 @@ def export(
     onnx: bool = False,
     input_shape: Sequence[int] | None = None,
     check_shapes: Sequence[Sequence[int]] = (),
+    use_trace: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Export a bundle's network to ``OUT/model.ts`` (and ``OUT/model.onnx`` with ``--onnx``), each checked.
 
-    The TorchScript file is reloaded and compared with the eager network at the export size and at every
-    ``--check_shapes``; the ONNX file is run in onnxruntime at the same sizes. Config overrides follow as
-    ``--key value`` (e.g. ``--variant s --image_size "[64,64]"``). Prints and returns a JSON report.
+    The TorchScript file is scripted (traced at the export size with ``--use_trace``), reloaded and compared
+    with the eager network at the export size and at every ``--check_shapes``; the ONNX file is run in
+    onnxruntime at the same sizes. Config overrides follow as ``--key value`` (e.g. ``--variant s
+    --image_size "[64,64]"``). Prints and returns a JSON report with the largest differences.
     """
     out_dir = Path(out)
     shape = list(input_shape) if input_shape else example_input_shape(bundle, **overrides)
@@ -237,9 +247,12 @@ def export(
             ckpt = str(Path(tmp) / "init.pt")
             torch.save(build_network(bundle, **overrides).state_dict(), ckpt)
         net = build_network(bundle, ckpt, **overrides)
-        ts = export_torchscript(bundle, out_dir / "model.ts", ckpt, shape, network=net, **overrides)
+        ts = export_torchscript(
+            bundle, out_dir / "model.ts", ckpt, shape, use_trace=use_trace, network=net, **overrides
+        )
         report: dict[str, Any] = {
             "torchscript": str(ts),
+            "torchscript_mode": "trace" if use_trace else "script",
             "torchscript_max_abs_diff": compare_torchscript(ts, net, shapes),
         }
         if onnx:

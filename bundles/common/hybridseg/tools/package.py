@@ -1,11 +1,15 @@
 """``python -m hybridseg package bundles/<name> --out DIR``: a self-contained Model Zoo bundle (folder, zip).
 
-The packaged bundle carries this package in ``scripts/hybridseg``. Its configs start their ``imports`` with
+The packaged bundle carries this package's runtime (not ``tools/``) in ``scripts/hybridseg``, its imports
+sorted as the zoo's isort sorts them (see ``_sort_imports_as_the_zoo``). Its configs start their ``imports`` with
 ``$import scripts``, whose ``__init__`` puts ``scripts/`` on ``sys.path`` before ``$import hybridseg`` runs:
 MONAI adds the bundle root to ``sys.path`` only when a workflow runs, after the imports were evaluated, so
 without this the bundle's own code could not be found. ``python -m`` puts the working directory on
 ``sys.path``, so the zoo's commands work from the unpacked folder; from elsewhere set
 ``PYTHONPATH=<bundle>/scripts``.
+
+The packaged ``docs/README.md`` is the bundle's README with its repository-only parts replaced
+(``bundle_readme``), so that every command in it runs from the bundle folder.
 
 Zoo rules checked (a violation raises InputDataError naming the file): metadata valid against the local
 schema, ``version`` present in ``changelog`` and the newest entry, JSON indented 4, ``LICENSE`` and
@@ -17,10 +21,14 @@ weights manifest (``configs/weights.json``) are listed too, under ``models/pretr
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -162,10 +170,83 @@ def _vendor(staging: Path) -> None:
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*", "tools", "__main__.py"),
     )
     (scripts / "__init__.py").write_text(BOOTSTRAP, encoding="utf-8")
+    _sort_imports_as_the_zoo(scripts)
+
+
+def _sort_imports_as_the_zoo(scripts: Path) -> None:
+    """Sort the vendored imports with the zoo's isort settings (black profile, line 120, first party ``models``).
+
+    Inside the zoo ``hybridseg`` is a third-party name, so its imports join the third-party block instead
+    of the first-party block they have in this repository; nothing else changes (black and flake8 pass on
+    the copy as it is).
+    """
+    import isort
+
+    zoo = isort.Config(profile="black", line_length=120, known_first_party=["models"], quiet=True)
+    for f in sorted(scripts.rglob("*.py")):
+        isort.file(f, config=zoo)
+
+
+# Third-party packages declared by their own metadata fields (monai_version, pytorch_version, numpy_version).
+VERSION_FIELD_PACKAGES = ("monai", "torch", "numpy")
+
+
+def imported_modules(paths: Sequence[Path]) -> set[str]:
+    """Top-level names of the modules the Python files at ``paths`` (files or folders) import, anywhere in
+    the code (also inside functions), without the standard library, relative imports and hybridseg."""
+    names: set[str] = set()
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.py")))]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"), filename=str(f))):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("__future__", "hybridseg")}
+
+
+def distribution_names(modules: set[str]) -> dict[str, str]:
+    """Module name -> the (normalised) name of the installed distribution that provides it (PIL -> pillow)."""
+    provided = importlib.metadata.packages_distributions()
+    out = {}
+    for m in sorted(modules):
+        if m not in provided:
+            raise InputDataError(None, f"module {m!r} imported by hybridseg is not provided by any installed package")
+        out[m] = _normalise(provided[m][0])
+    return out
+
+
+def _normalise(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def runtime_requirements(runtime: Path) -> set[str]:
+    """Distributions the vendored runtime at ``runtime`` imports, besides monai, torch and numpy."""
+    return set(distribution_names(imported_modules([runtime]) - set(VERSION_FIELD_PACKAGES)).values())
+
+
+def tool_only_requirements() -> set[str]:
+    """Distributions only the repository's tools import (fire, h5py, onnx...): not needed by a packaged bundle."""
+    tools = [PACKAGE_DIR / "tools", PACKAGE_DIR / "__main__.py"]
+    runtime = [p for p in PACKAGE_DIR.iterdir() if p.name not in ("tools", "__main__.py") and p.suffix in ("", ".py")]
+    only = imported_modules(tools) - imported_modules(runtime) - set(VERSION_FIELD_PACKAGES)
+    return set(distribution_names(only).values())
+
+
+def _declare_requirements(meta_file: Path, meta: dict, runtime: Path) -> None:
+    """``required_packages_version`` of a packaged bundle: what its vendored code imports, as the source
+    bundle pins it; ``hybridseg`` (it travels inside) and the tools' own packages are dropped."""
+    declared = meta.setdefault("required_packages_version", {})
+    missing = sorted(runtime_requirements(runtime) - {_normalise(k) for k in declared})
+    if missing:
+        raise InputDataError(meta_file, f"required_packages_version lacks {missing}, which the vendored code imports")
+    dropped = tool_only_requirements() | {"hybridseg"}
+    for key in [k for k in declared if _normalise(k) in dropped]:
+        declared.pop(key)
 
 
 def _adapt_configs(staging: Path) -> None:
-    """Bootstrap import first in every config that imports hybridseg; hybridseg no longer a requirement."""
+    """Bootstrap import first in every config that imports hybridseg; requirements of the vendored code only."""
     for f in sorted((staging / "configs").glob("*.json")):
         cfg = json.loads(f.read_text(encoding="utf-8"))
         imports = cfg.get("imports") if isinstance(cfg, dict) else None
@@ -174,8 +255,49 @@ def _adapt_configs(staging: Path) -> None:
                 cfg["imports"] = [BOOTSTRAP_IMPORT, *imports]
         if f.name == "metadata.json":
             # The code travels inside the bundle; hybridseg is not a package anyone could install.
-            cfg.get("required_packages_version", {}).pop("hybridseg", None)
+            _declare_requirements(f, cfg, staging / "scripts" / "hybridseg")
         f.write_text(dump_json(cfg), encoding="utf-8")
+
+
+# The bundle READMEs are written for the repository; the packaged copy drops the parts marked
+# ``<!-- repository-only -->...<!-- /repository-only -->``, shows the parts written inside a
+# ``<!-- bundle-only ... -->`` comment, and makes repository paths of the bundle relative to its folder.
+README_REPOSITORY_ONLY = re.compile(r"[ \t]*<!-- repository-only -->.*?<!-- /repository-only -->", re.S)
+README_BUNDLE_ONLY = re.compile(r"[ \t]*<!-- bundle-only\n(.*?)\n?[ \t]*-->", re.S)
+# Text that only works in the repository: its layout, its tools (not vendored), Makefile targets and docs.
+REPOSITORY_ONLY_TEXT = (
+    "bundles/",
+    "python -m hybridseg",
+    "hybridseg.tools",
+    "make demo",
+    "make test",
+    "make env",
+    "repository's tests",
+    "../../../",
+    "docs/performance.md",
+    "docs/deploy.md",
+    "docs/model_zoo.md",
+)
+
+
+def bundle_readme(text: str, name: str, source: str | os.PathLike | None = None) -> str:
+    """The README of packaged bundle ``name``, every command runnable from the bundle folder (see above).
+
+    Raises InputDataError naming ``source`` when repository-only text is left outside the markers.
+    """
+    text = README_REPOSITORY_ONLY.sub("", text)
+    text = README_BUNDLE_ONLY.sub(lambda m: m.group(1), text)
+    text = "\n".join(line.rstrip() for line in text.replace(f"bundles/{name}/", "").splitlines())
+    text = re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
+    for i, line in enumerate(text.splitlines(), start=1):
+        for bad in REPOSITORY_ONLY_TEXT:
+            if bad in line:
+                raise InputDataError(
+                    source,
+                    f"{bad!r} only works in the repository; mark it <!-- repository-only --> "
+                    f"(packaged README line {i}: {line.strip()[:100]})",
+                )
+    return text
 
 
 def package(
@@ -185,12 +307,14 @@ def package(
     weights_url: str = "",
     max_file_mb: float = MAX_FILE_MB,
     input_shape: Sequence[int] | None = None,
+    use_trace: bool = False,
     **overrides: Any,
 ) -> dict[str, str]:
     """Package bundle folder ``BUNDLE`` into ``OUT/<name>/`` and ``OUT/<name>_v<version>.zip``.
 
-    With ``--ckpt`` the checkpoint becomes ``models/model.pt`` and a traced ``models/model.ts`` (checked
-    against the eager network), both listed in ``large_files.yml``; ``--weights_url`` is the base URL the
+    With ``--ckpt`` the checkpoint becomes ``models/model.pt`` and a scripted ``models/model.ts`` (traced at
+    ``--input_shape`` with ``--use_trace``; checked against the eager network), both listed in
+    ``large_files.yml``; ``--weights_url`` is the base URL the
     files will be published under. Config overrides for the export follow as ``--key value``. Outputs are
     replaced atomically; nothing is written inside ``BUNDLE``.
     """
@@ -202,7 +326,7 @@ def package(
     if out_dir == src or src in out_dir.parents:
         raise InputDataError(out, "is inside the bundle being packaged; choose an output folder outside it")
     meta = check_bundle(src)
-    name, version = meta.get("name") or src.name, meta["version"]
+    name, version = src.name, meta["version"]  # the folder is the bundle id; metadata "name" is a display name
     out_dir.mkdir(parents=True, exist_ok=True)
     dest, zip_path = out_dir / name, out_dir / f"{name}_v{version}.zip"
     large_dir = out_dir / f"{name}_large_files"
@@ -215,6 +339,8 @@ def package(
             (shutil.copytree if (src / item).is_dir() else shutil.copy2)(src / item, staging / item)
         _vendor(staging)
         _adapt_configs(staging)
+        readme = staging / "docs" / "README.md"
+        readme.write_text(bundle_readme(readme.read_text(encoding="utf-8"), name, src / "docs" / "README.md"))
         entries = []
         if ckpt is not None:
             models = staging / "models"
@@ -222,7 +348,13 @@ def package(
             shutil.copy2(ckpt, models / "model.pt")
             net = build_network(staging, models / "model.pt", **overrides)
             ts = export_torchscript(
-                staging, models / "model.ts", models / "model.pt", input_shape, network=net, **overrides
+                staging,
+                models / "model.ts",
+                models / "model.pt",
+                input_shape,
+                use_trace=use_trace,
+                network=net,
+                **overrides,
             )
             compare_torchscript(ts, net, [input_shape] if input_shape else [_shape(staging, overrides)])
             for f in sorted(models.iterdir()):
