@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[deploy-env] installing the MONAI Deploy App SDK into $venv (first run takes about 4 minutes)"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check \
         -c "$root/ci/constraints.txt" -c "$root/ci/deploy-constraints.txt" \
-        -e "$root" monai-deploy-app-sdk pydicom highdicom \
+        -e "$root" monai-deploy-app-sdk pydicom highdicom onnx onnxruntime \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     # The SDK breaks `import monai` without pydicom/highdicom; fail here, not in the first test.
     (ulimit -s 32768 2>/dev/null || true; "$venv/bin/python" -c "import monai, monai.deploy.core, highdicom, holoscan")

@@ -32,3 +32,24 @@ def test_inputs_whose_outputs_would_collide_are_refused(tmp_path):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / sub / "a.png")
     with pytest.raises(InputDataError, match="same output name"):
         collect_inputs([tmp_path / "x" / "a.png", tmp_path / "y" / "a.png"], [".png"])
+
+
+@pytest.mark.parametrize("bundle", ["cfformer_busi", "braunetpp_synapse"])
+def test_quick_recipe_states_a_budget_of_at_most_ten_minutes_that_the_trainer_enforces(bundle):
+    from monai.bundle import ConfigParser
+
+    configs = REPO_ROOT / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "quick.json")])
+    assert 0 < parser["max_train_seconds"] <= 600
+    budget = [h for h in parser["train#handlers"] if h.get("_target_") == "hybridseg.checkpointing.TrainingTimeBudget"]
+    assert budget == [
+        {
+            "_target_": "hybridseg.checkpointing.TrainingTimeBudget",
+            "seconds": "@max_train_seconds",
+            "validator": "@validate#evaluator",
+        }
+    ]
+    full = ConfigParser()
+    full.read_config(str(configs / "train.json"))
+    assert full["max_train_seconds"] is None  # the papers' recipes have no time limit

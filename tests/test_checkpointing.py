@@ -307,3 +307,67 @@ def test_a_failed_run_gives_back_the_signal_handlers(tmp_path):
     with pytest.raises(NonFiniteLossError):
         trainer.run()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` that each training iteration advances by one second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _timed_engine(clock: _Clock, budget: float, epoch_length: int, later_step: float = 1.0, validator=None):
+    from ignite.engine import Engine
+
+    from hybridseg.checkpointing import TrainingTimeBudget
+
+    def step(engine, batch):  # 1 s per iteration in the first epoch, ``later_step`` s afterwards
+        clock.now += 1.0 if engine.state.epoch == 1 else later_step
+
+    engine = Engine(step)
+    TrainingTimeBudget(budget, validator=validator).attach(engine)
+    return engine, range(epoch_length)
+
+
+@pytest.mark.parametrize(
+    "budget, epoch_length, epochs, iterations",
+    [
+        (10, 3, 3, 9),  # 3 s epochs: after 9 s another epoch (12 s) would not fit, stop at the epoch end
+        (12, 3, 4, 12),  # exactly fits
+        (4, 3, 1, 3),  # another 3 s epoch would not fit after the first
+        (0, 3, 5, 15),  # no budget: every epoch runs
+    ],
+)
+def test_time_budget_stops_training_before_or_at_the_budget(monkeypatch, budget, epoch_length, epochs, iterations):
+    import time
+
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    engine, data = _timed_engine(clock, budget, epoch_length)
+    engine.run(data, max_epochs=5)
+    assert (engine.state.epoch, engine.state.iteration) == (epochs, iterations)
+
+
+def test_time_budget_stops_mid_epoch_past_the_budget_and_validates_once(monkeypatch):
+    import time
+
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    engine, data = _timed_engine(clock, 10, 3, later_step=4.0)  # epoch 1: 3 s, then 4 s per iteration
+    engine.run(data, max_epochs=5)
+    assert (engine.state.epoch, engine.state.iteration) == (2, 5)  # 3 + 4 + 4 = 11 s > 10 s at iteration 5
+
+    class Validator:
+        epochs: list[int] = []
+
+        def run(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+    clock.now = 0.0
+    validator = Validator()
+    engine, data = _timed_engine(clock, 1.5, 4, validator=validator)
+    engine.run(data, max_epochs=5)
+    assert (engine.state.epoch, engine.state.iteration) == (1, 2) and validator.epochs == [1]

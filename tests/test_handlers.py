@@ -1,21 +1,49 @@
-"""The evaluation report: per-case tables and summaries from MONAI's protocol metric handlers, beside
-MONAI's MetricsSaver, with the overlays."""
+"""The evaluation report (SegmentationReport): named grids for the BUSI metrics, agreement with the protocol's
+MONAI metric handlers and MetricsSaver."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
 from monai.handlers import MetricsSaver
 
 from hybridseg.handlers import SegmentationReport, protocol_metric_handlers
+from hybridseg.metrics import hd95
 
 
-def test_report_tables_come_from_the_protocol_metric_handlers_beside_monai_metrics_saver(tmp_path):
-    """Three BUSI-like cases (overlap, both masks empty, prediction empty) through MONAI metric handlers:
-    the report's rows and summary hold the handlers' per-case values; MetricsSaver writes MONAI's files."""
+def test_busi_report_names_hd95_on_the_original_grid_and_on_the_network_grid(tmp_path):
+    """A 448 x 448 image evaluated at 224: the prediction is 2 grid pixels off, i.e. 4 original pixels off, so
+    the original-size HD95 is twice the network-grid HD95, and both are reported, each with its grid named."""
+    gt = np.zeros((448, 448), np.uint8)
+    gt[100:300, 120:320] = 1
+    pred = np.roll(gt, 4, axis=0)
+    grid_gt = gt[::2, ::2]  # nearest-neighbour resize by 1/2
+    grid_pred = np.roll(grid_gt, 2, axis=0)
+    report = SegmentationReport(tmp_path, {1: "lesion"}, protocols=["busi"], mode="binary", grid_key="pred_grid")
+    report.reset()
+    report.add_case("case1", pred[None].astype(np.float32), gt[None], grid_pred=grid_pred[None].astype(np.float32))
+    report.epoch_completed()
+    rows = {r["grid"]: r for r in csv.DictReader(open(tmp_path / "metrics_per_case.csv"))}
+    assert set(rows) == {"original", "224x224"}
+    assert float(rows["original"]["hd95"]) == pytest.approx(hd95(pred, gt))
+    assert float(rows["224x224"]["hd95"]) == pytest.approx(hd95(grid_pred, grid_gt))
+    assert float(rows["original"]["hd95"]) == pytest.approx(2 * float(rows["224x224"]["hd95"]))
+    grid_summary = json.loads((tmp_path / "summary_busi_grid.json").read_text())
+    assert grid_summary["grid"] == "224x224" and grid_summary["protocol"] == "busi"
+    assert json.loads((tmp_path / "summary_busi.json").read_text())["grid"] == "original"
+    table = (tmp_path / "summary.md").read_text()
+    assert "| busi | original |" in table and "| busi | 224x224 |" in table
+
+
+def test_report_agrees_with_the_protocol_metric_handlers_and_metrics_saver_writes_monais_files(tmp_path):
+    """Three BUSI-like cases (overlap, both masks empty, prediction empty): the report's rows and summary hold
+    the same values as the protocol's MONAI metric handlers; MetricsSaver writes MONAI's files beside them."""
 
     def mask(*box):
         m = torch.zeros(1, 8, 8)
@@ -31,7 +59,7 @@ def test_report_tables_come_from_the_protocol_metric_handlers_beside_monai_metri
         handler.attach(engine, name)
     names = lambda batch: [{"filename_or_obj": item["case"]} for item in batch]  # noqa: E731
     MetricsSaver(str(tmp_path), metric_details="*", batch_transform=names, summary_ops=["mean"]).attach(engine)
-    report = SegmentationReport(tmp_path, {1: "lesion"}, metrics, mode="binary", case_key="case", n_overlays=1)
+    report = SegmentationReport(tmp_path, {1: "lesion"}, ["busi"], mode="binary", case_key="case", n_overlays=1)
     report.attach(engine)
     engine.run(batches)
 
@@ -42,7 +70,8 @@ def test_report_tables_come_from_the_protocol_metric_handlers_beside_monai_metri
     assert rows["c"]["dice"] == 0.0 and math.isnan(rows["c"]["hd95"]) and rows["c"]["status"] == "empty_pred"
     summary = report.summaries["busi"]["per_class"][1]
     assert summary["dice"]["mean"] == pytest.approx((2 * 9 / 32 + 1.0 + 0.0) / 3) and summary["hd95"]["n_nan"] == 1
-    assert "| busi | 3 |" in (tmp_path / "summary.md").read_text()
+    assert "| busi | original | 3 |" in (tmp_path / "summary.md").read_text()
+    assert engine.state.metrics["busi_dice"] == pytest.approx(summary["dice"]["mean"])
     assert len((tmp_path / "metrics_per_case.csv").read_text().splitlines()) == 1 + 3
     assert len((tmp_path / "busi_dice_raw.csv").read_text().splitlines()) == 1 + 3  # MONAI's per-case file
     assert "busi_hd95" in (tmp_path / "metrics.csv").read_text()

@@ -17,8 +17,7 @@ FILES = {**bundle_files("braunetpp_synapse"), "bundle": "braunetpp_synapse"}
 TINY = {
     "image_size": [64, 64],
     "n_win": 4,
-    "slices_per_volume": 2,
-    "volumes_per_batch": 2,
+    "batch_size": 4,
     "epoch_length": 2,
     "max_epochs": 1,
     "val_interval": 1,
@@ -190,3 +189,143 @@ def test_hu_window_scales_to_unit_range_and_is_skipped_for_windowed_data(windowe
         return
     x = {"image": torch.tensor([[-1000.0, -125.0, 75.0, 275.0, 3000.0]])}
     assert scale[0](x)["image"].tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0]]
+
+
+@pytest.mark.slow
+def test_inference_on_onnxruntime_writes_the_labels_of_eager_torch(trained, synapse_dir, tmp_path):
+    src = sorted((synapse_dir / "img").glob("*.nii.gz"))[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / src.name).write_bytes(src.read_bytes())
+    ckpt = trained / "models" / "model.pt"
+    labels = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        infer(FILES["bundle"], tmp_path / "in", out, ckpt, image_size=[64, 64], n_win=4, amp=False, backend=backend)
+        labels[backend] = np.asarray(nib.load(out / src.name.replace(".nii.gz", "_seg.nii.gz")).dataobj)
+    np.testing.assert_array_equal(labels["onnxruntime"], labels["torch"])
+    # the exported graph is cached next to the checkpoint, for the size the network ran at
+    assert [p.name.split("-")[-1] for p in ckpt.parent.glob("braunetpp-*.onnx")] == ["1x64x64.onnx"]
+
+
+@pytest.mark.slow
+def test_evaluation_on_int8_calibrates_on_training_volumes_and_reports_metrics(trained, synapse_dir, tmp_path):
+    from tests.bundles.conftest import run_workflow
+
+    common = {**TINY, "dataset_dir": str(synapse_dir), "ckpt_dir": str(trained / "models")}
+    run_workflow(
+        "train",
+        [FILES["train"], FILES["evaluate"]],
+        FILES["meta_file"],
+        FILES["logging_file"],
+        output_dir=str(tmp_path / "int8"),
+        backend="onnxruntime_int8",
+        num_calibration=2,
+        **common,
+    )
+    assert list((trained / "models").glob("braunetpp-*-1x64x64-int8.onnx"))
+    ours = json.loads((tmp_path / "int8" / "summary_paper.json").read_text())["over_classes"]["dice"]["mean"]
+    eager = json.loads((trained / "test_eval" / "summary_paper.json").read_text())["over_classes"]["dice"]["mean"]
+    assert abs(ours - eager) < 0.05, f"int8 mean Dice {ours:.3f} vs eager {eager:.3f}"
+
+
+def test_unknown_backend_fails_naming_the_choices(trained, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4)), str(src / "ct.nii.gz"))
+    with pytest.raises(Exception) as info:
+        infer(FILES["bundle"], src, tmp_path / "out", trained / "models" / "model.pt", backend="tensorrt")
+    assert "unknown inference backend 'tensorrt'" in error_text(info.value)
+    assert "torch, onnxruntime, onnxruntime_int8" in error_text(info.value)
+
+
+def test_unet_baseline_trains_evaluates_and_infers_with_the_same_data_and_reports(synapse_dir, tmp_path):
+    """``network_name unet``: MONAI's BasicUNet through the same train / evaluate / inference configs; the
+    BiFormer weights path is not applied to it (a missing file would otherwise stop the run)."""
+    unet = {**TINY, "network_name": "unet", "pretrained_biformer": str(tmp_path / "absent.pth")}
+    run = train_then_evaluate(FILES["bundle"], synapse_dir, tmp_path / "run", **unet)
+    state = torch.load(run / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("conv_0.") for k in state)
+    with open(run / "test_eval" / "metrics_per_case.csv") as f:
+        assert {r["protocol"] for r in csv.DictReader(f)} == {"paper", "physical"}
+    src = sorted((synapse_dir / "img").glob("*.nii.gz"))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / src.name).write_bytes(src.read_bytes())
+    infer(
+        FILES["bundle"], inputs, tmp_path / "out", run / "models" / "model.pt", network_name="unet", image_size=[64, 64]
+    )
+    assert nib.load(tmp_path / "out" / src.name.replace(".nii.gz", "_seg.nii.gz")).shape == nib.load(src).shape
+
+
+def _epoch_batch_sizes(parser) -> tuple[int, list[int]]:
+    loader = parser.get_parsed_content("train#dataloader")
+    return parser.get_parsed_content("epoch_length"), [len(b["image"]) for b in loader]
+
+
+def test_every_training_iteration_holds_exactly_batch_size_slices(synapse_dir, tmp_path):
+    """The default recipe's 24 slices per iteration, counted over one epoch of train.json's own loader: 3
+    training volumes x 32 slices = 96 slices -> 4 iterations of 24 (the official trainer's uniform draw)."""
+    overrides = {"dataset_dir": str(synapse_dir), "image_size": [64, 64], "num_workers": 0}
+    parser = train_config(FILES["bundle"], **overrides, ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "e"))
+    n_slices = len(parser.get_parsed_content("train#dataset"))
+    assert parser.get_parsed_content("batch_size") == 24 and n_slices == 96
+    epoch_length, sizes = _epoch_batch_sizes(parser)
+    assert sizes == [24] * 4 and epoch_length == 4
+    first = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert first["image"].shape == (24, 1, 64, 64) and first["label"].dtype == torch.long
+
+
+def test_under_ddp_the_ranks_together_hold_batch_size_slices_per_iteration(synapse_dir, tmp_path, monkeypatch):
+    """multi_gpu_train.json on 2 ranks (sampler built per rank without processes): 12 slices per rank and
+    iteration, i.e. the paper's 24 per optimiser step, and the same number of iterations on both ranks."""
+    from monai.bundle import ConfigParser
+
+    import hybridseg.data.slices as slices
+
+    monkeypatch.setattr(slices, "world_size", lambda: 2)
+    files = bundle_files("braunetpp_synapse")
+    per_rank = []
+    for rank in range(2):
+        parser = ConfigParser()
+        parser.read_config([files["train"], files["train"].replace("train.json", "multi_gpu_train.json")])
+        parser.update(
+            {
+                "dataset_dir": str(synapse_dir),
+                "image_size": [64, 64],
+                "num_workers": 0,
+                "train#sampler#num_replicas": 2,
+                "train#sampler#rank": rank,
+            }
+        )
+        per_rank.append(_epoch_batch_sizes(parser))
+    assert per_rank[0] == per_rank[1] == (4, [12] * 4)
+
+
+def test_num_val_0_trains_on_every_non_test_case_and_keeps_the_last_model(synapse_dir, tmp_path):
+    """The paper's data exactly: ``datalist_synapse --num_val 0`` leaves no validation case, so training uses
+    all non-test cases, never validates, and writes models/model.pt from the last state, which evaluation uses."""
+    from hybridseg.data.synapse import datalist_synapse
+
+    datalist = datalist_synapse(root=str(synapse_dir), out=str(tmp_path / "datalist_all.json"), seed=0, num_val=0)
+    content = json.loads(open(datalist).read())
+    assert len(content["training"]) == 4 and content["validation"] == []
+    work = train_then_evaluate(
+        "braunetpp_synapse", synapse_dir, tmp_path / "run", **{**TINY, "datalist": datalist, "max_epochs": 2}
+    )
+    model = torch.load(work / "models" / "model.pt", weights_only=True)
+    last = torch.load(work / "models" / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == 4 and last["best_model"]["best"] == float("-inf")  # never validated
+    assert model.keys() == last["model"].keys()
+    assert all(torch.equal(model[k], last["model"][k]) for k in model)
+    assert "val_mean_dice" not in (work / "eval" / "train.log").read_text()
+    assert (work / "test_eval" / "summary_paper.json").is_file()
+
+
+@pytest.mark.parametrize("use_sccsa, num_skips", [(True, 3), (False, 3), (True, 1), (False, 0)])
+def test_ablation_config_keys_build_the_ablated_network(use_sccsa, num_skips):
+    from hybridseg.networks.braunetpp import SCCSA
+
+    with torch.device("meta"):
+        net = train_config(FILES["bundle"], use_sccsa=use_sccsa, num_skips=num_skips).get_parsed_content("network_def")
+    assert [level.use_skip for level in net.decoder] == [i < num_skips for i in range(3)]
+    assert sum(isinstance(m, SCCSA) for m in net.modules()) == (num_skips if use_sccsa else 0)

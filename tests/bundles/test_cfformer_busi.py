@@ -44,13 +44,15 @@ def test_evaluation_writes_one_csv_row_per_test_image_with_metrics_in_range(trai
     test_items = json.loads((busi_dir / "datalist.json").read_text())["test"]
     with open(trained / "test_eval" / "metrics_per_case.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(test_items)
+    # each image twice: at its original size and on the network grid (image_size), each named
+    assert sorted(r["grid"] for r in rows) == sorted(["original", "64x64"] * len(test_items))
     assert {r["case"] for r in rows} == {Path(t["image"]).name.rsplit(".", 1)[0] for t in test_items}
     for r in rows:
         assert 0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["iou"]) <= 1.0
         assert r["hd95"] == "nan" and r["status"] != "ok" or float(r["hd95"]) >= 0
     summary = json.loads((trained / "test_eval" / "summary_busi.json").read_text())
-    assert 0.0 <= summary["over_classes"]["dice"]["mean"] <= 1.0
+    assert 0.0 <= summary["over_classes"]["dice"]["mean"] <= 1.0 and summary["grid"] == "original"
+    assert json.loads((trained / "test_eval" / "summary_busi_grid.json").read_text())["grid"] == "64x64"
     assert list((trained / "test_eval" / "overlays").glob("*_overlay.png"))
 
 
@@ -165,3 +167,58 @@ def test_config_derives_nothing_by_hand_imagenet_statistics_come_from_the_runtim
     norm = parser.get_parsed_content("network_input_transforms")[-1]
     assert tuple(norm.normalizer.subtrahend) == (0.485, 0.456, 0.406)
     assert tuple(norm.normalizer.divisor) == (0.229, 0.224, 0.225)
+
+
+def test_unet_baseline_trains_evaluates_and_infers_with_the_same_data_and_reports(busi_dir, tmp_path):
+    """``network_name unet``: MONAI's BasicUNet through the same train / evaluate / inference configs; the
+    hybrid's ImageNet paths are not applied to it (a missing file would otherwise stop the run)."""
+    unet = {**TINY, "network_name": "unet", "pretrained_resnet34": str(tmp_path / "absent.pth")}
+    run = train_then_evaluate(FILES["bundle"], busi_dir, tmp_path / "run", **unet)
+    state = torch.load(run / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("conv_0.") for k in state) and not any("swin" in k for k in state)
+    summary = json.loads((run / "test_eval" / "summary_busi.json").read_text())
+    assert 0.0 <= summary["over_classes"]["dice"]["mean"] <= 1.0
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((80, 112), 90, np.uint8)).save(inputs / "gray.png")
+    infer(
+        FILES["bundle"], inputs, tmp_path / "out", run / "models" / "model.pt", network_name="unet", image_size=[64, 64]
+    )
+    assert np.asarray(Image.open(tmp_path / "out" / "gray_mask.png")).shape == (80, 112)
+
+
+def test_unknown_network_name_fails_naming_the_choices(busi_dir, tmp_path):
+    parser = train_config(FILES["bundle"], **TINY, network_name="unet3", dataset_dir=str(busi_dir))
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("network_def")
+    assert "'unet3' is not one of: cfformer, unet" in error_text(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, fusion",
+    [({"cfca": False}, ("NoChannelExchange", "XFF")), ({"xff": False}, ("CFCA", "PlainFusion")), ({}, ("CFCA", "XFF"))],
+)
+def test_ablation_config_keys_build_the_ablated_network(overrides, fusion):
+    with torch.device("meta"):
+        net = train_config("cfformer_busi", **overrides).get_parsed_content("network_def")
+    assert (type(net.encoder.cfca1).__name__, type(net.encoder.xff1).__name__) == fusion
+
+
+@pytest.mark.parametrize("encoder, cls", [("cnn", "CNNEncoder"), ("transformer", "TransformerEncoder")])
+def test_encoder_config_key_builds_the_single_branch_ablations(encoder, cls):
+    with torch.device("meta"):
+        net = train_config("cfformer_busi", encoder=encoder).get_parsed_content("network_def")
+    assert type(net.encoder).__name__ == cls
+
+
+def test_a_datalist_without_validation_part_trains_and_keeps_the_last_model(busi_dir, tmp_path):
+    """``datalist_busi --split 0.8 0 0.2``: no validation, so models/model.pt is the model after the last epoch."""
+    from hybridseg.data.busi import datalist_busi
+
+    datalist = datalist_busi(root=str(busi_dir), out=str(tmp_path / "no_val.json"), seed=0, split=(0.8, 0.0, 0.2))
+    assert json.loads(open(datalist).read())["validation"] == []
+    work = train_then_evaluate("cfformer_busi", busi_dir, tmp_path / "run", **{**TINY, "datalist": datalist})
+    model = torch.load(work / "models" / "model.pt", weights_only=True)
+    last = torch.load(work / "models" / "checkpoint_last.pt", weights_only=True)
+    assert all(torch.equal(model[k], last["model"][k]) for k in last["model"])
+    assert (work / "test_eval" / "summary_busi.json").is_file()

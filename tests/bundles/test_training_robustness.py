@@ -26,14 +26,13 @@ TINY_NET = {
     "network_def#decoder_depths": [1, 1, 1],
     "network_def#head_dim": 16,
 }
-# 64 px slices, one volume of 2 slices per rank and iteration, no worker processes, fp32 (bf16 autocast on
+# 64 px slices, 2 slices per iteration (all ranks together), no worker processes, fp32 (bf16 autocast on
 # CPU is slower at these sizes and the determinism test wants plain fp32 arithmetic)
 TINY = {
     **TINY_NET,
     "image_size": [64, 64],
     "n_win": 4,
-    "slices_per_volume": 2,
-    "volumes_per_batch": 1,
+    "batch_size": 2,
     "sw_batch_size": 16,
     "num_workers": 0,
     "amp": False,

@@ -434,3 +434,51 @@ def test_conv_weights_stay_channels_last_after_loading_a_contiguous_state_dict()
     assert len(conv_weights) > 10
     model.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.ndim == 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation switches: SCCSA on/off and the number of skip connections (the paper's skip-count study)
+
+# Full-size Synapse network, (use_sccsa, num_skips) -> parameters; the README lists them.
+ABLATION_PARAMS = {
+    (True, 3): 50_763_648,
+    (True, 2): 35_718_912,
+    (True, 1): 31_956_672,
+    (True, 0): 31_015_584,
+    (False, 3): 31_403_328,
+    (False, 2): 31_108_032,
+    (False, 1): 31_034_112,
+    (False, 0): 31_015_584,
+}
+
+
+@pytest.mark.parametrize(("use_sccsa", "num_skips"), list(ABLATION_PARAMS))
+def test_ablation_builds_runs_forward_and_backward_and_counts_its_parameters(use_sccsa, num_skips, record_property):
+    with torch.device("meta"):
+        n = _n_params(BRAUNetPP(use_sccsa=use_sccsa, num_skips=num_skips))
+    record_property("parameters", n)
+    assert n == ABLATION_PARAMS[(use_sccsa, num_skips)]
+    torch.manual_seed(0)
+    tiny = dict(embed_dims=(32, 64, 128, 256), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1), n_win=4)
+    model = BRAUNetPP(use_sccsa=use_sccsa, num_skips=num_skips, **tiny).train()
+    out = model(torch.randn(2, 1, 64, 64))
+    assert out.shape == (2, 9, 64, 64) and torch.isfinite(out).all()
+    out.pow(2).mean().backward()
+    assert [k for k, p in model.named_parameters() if p.grad is None] == []
+    kept = [level.use_skip for level in model.decoder]  # decoder[0] is the 1/4 level
+    assert kept == [i < num_skips for i in range(3)]
+
+
+def test_skip_count_outside_0_to_3_is_refused():
+    with pytest.raises(ValueError, match="num_skips"):
+        BRAUNetPP(num_skips=4)
+
+
+@pytest.mark.parametrize("num_skips", [0, 1])
+def test_skip_count_ablation_scripts_and_matches_eager(num_skips):
+    torch.manual_seed(0)
+    tiny = dict(embed_dims=(32, 64, 128, 256), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1), n_win=4)
+    model = BRAUNetPP(num_skips=num_skips, **tiny).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-4, atol=1e-4)

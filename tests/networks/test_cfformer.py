@@ -501,3 +501,78 @@ def test_load_imagenet_weights_sums_rgb_stems_for_a_gray_model(imagenet_files, g
     rgb_embed = imagenet_files["swin_v2_t"][1]["features.0.0.weight"]
     assert torch.equal(gray.encoder.cnn.conv1.weight, rgb_conv1.sum(1, keepdim=True))
     assert torch.equal(gray.encoder.transformer.features[0][0].weight, rgb_embed.sum(1, keepdim=True))
+
+
+# --- ablation switches (the article's Table 3) ----------------------------------------------------------
+
+ABLATIONS = {
+    "cfformer": {},
+    "no_cfca": {"cfca": False},
+    "no_xff": {"xff": False},
+    "no_cfca_no_xff": {"cfca": False, "xff": False},
+    "cnn_only": {"encoder": "cnn"},
+    "transformer_only": {"encoder": "transformer"},
+}
+# Full-size (224-independent) parameter counts of variant b; the README lists them.
+ABLATION_PARAMS_B = {
+    "cfformer": 119_667_323,
+    "no_cfca": 117_573_563,
+    "no_xff": 101_908_763,
+    "no_cfca_no_xff": 99_815_003,
+    "cnn_only": 29_410_305,
+    "transformer_only": 66_630_843,
+}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_ablation_parameter_counts_of_the_full_size_network(name, record_property):
+    with torch.device("meta"):
+        model = CFFormer("b", **ABLATIONS[name])
+    n = sum(p.numel() for p in model.parameters())
+    record_property("parameters", n)
+    assert n == ABLATION_PARAMS_B[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ABLATIONS if n != "cfformer"])
+def test_ablation_builds_runs_forward_and_backward_with_every_parameter_trained(name):
+    torch.manual_seed(0)
+    model = CFFormer("s", **ABLATIONS[name]).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1, 64, 64) and torch.isfinite(out).all()
+    out.pow(2).mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_ablation_switches_replace_cfca_and_xff_by_the_articles_alternatives():
+    from hybridseg.networks.cfformer import NoChannelExchange, PlainFusion
+
+    with torch.device("meta"):
+        model = CFFormer("s", cfca=False, xff=False)
+    assert all(isinstance(getattr(model.encoder, f"cfca{k}"), NoChannelExchange) for k in range(1, 5))
+    assert all(isinstance(getattr(model.encoder, f"xff{k}"), PlainFusion) for k in range(1, 5))
+    trans, cnn = torch.randn(1, 96, 8, 8), torch.randn(1, 64, 8, 8)
+    to_cnn, to_trans = NoChannelExchange()(trans, cnn)
+    assert to_cnn.shape == cnn.shape and to_trans.shape == trans.shape and not to_cnn.any() and not to_trans.any()
+    fuse = PlainFusion(96, 64, 96)
+    expected = torch.nn.functional.conv2d(
+        torch.cat([cnn, trans], 1), fuse.out_conv.weight, fuse.out_conv.bias, padding=1
+    )
+    torch.testing.assert_close(fuse(trans, cnn), expected)
+
+
+def test_single_branch_encoders_refuse_fusion_switches_and_unknown_encoders():
+    with pytest.raises(ValueError, match="one"):
+        CFFormer("s", encoder="cnn", cfca=False)
+    with pytest.raises(ValueError, match="unknown CFFormer encoder"):
+        CFFormer("s", encoder="resnet")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["no_cfca_no_xff", "cnn_only", "transformer_only"])
+def test_ablations_script_and_match_eager(name):
+    torch.manual_seed(0)
+    model = CFFormer("s", **ABLATIONS[name]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-4, atol=1e-4)

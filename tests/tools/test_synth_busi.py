@@ -109,3 +109,79 @@ def test_rejects_impossible_arguments(tmp_path: Path, kwargs: dict):
     with pytest.raises(ValueError):
         synth_busi(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def busi_pair(tmp_path_factory) -> dict[str, Path]:
+    """The same 30 images (seed, size, classes) generated easy and hard."""
+    root = tmp_path_factory.mktemp("realism")
+    return {r: Path(synth_busi(root / r, n=30, size=128, seed=3, realism=r)) for r in ("easy", "hard")}
+
+
+def _lesions(root: Path):
+    """(image, first-lesion mask, class) for every image with a lesion."""
+    for mask_path in sorted(root.glob("*/*)_mask.png")):
+        if mask_path.parent.name != "normal":
+            image = np.asarray(Image.open(str(mask_path).replace("_mask.png", ".png")).convert("L"), dtype=float)
+            yield image, np.asarray(Image.open(mask_path)) > 0, mask_path.parent.name
+
+
+def _contrast(image: np.ndarray, mask: np.ndarray) -> float:
+    ring = ndimage.binary_dilation(mask, iterations=6) & ~ndimage.binary_dilation(mask, iterations=2)
+    return image[mask].mean() / image[ring].mean()
+
+
+def test_hard_realism_keeps_the_busi_layout_with_lesion_free_normal_images(busi_pair):
+    hard = busi_pair["hard"]
+    names = sorted(p.relative_to(hard).as_posix() for p in hard.rglob("*.png"))
+    assert names == sorted(p.relative_to(busi_pair["easy"]).as_posix() for p in busi_pair["easy"].rglob("*.png"))
+    normal = list((hard / "normal").glob("*_mask.png"))
+    assert normal and all(not np.asarray(Image.open(p)).any() for p in normal)
+
+
+def test_hard_lesions_have_lower_contrast_than_easy_ones(busi_pair):
+    easy = [_contrast(i, m) for i, m, _ in _lesions(busi_pair["easy"])]
+    hard = [_contrast(i, m) for i, m, _ in _lesions(busi_pair["hard"])]
+    assert np.median(hard) > np.median(easy) + 0.15, (np.median(easy), np.median(hard))
+    assert 0.3 < np.median(hard) < 0.8  # still hypoechoic, not invisible
+
+
+def test_hard_speckle_is_fully_developed(busi_pair):
+    """Rayleigh envelope: std/mean of the speckle is sqrt(4/pi - 1) = 0.52; easy mode's smoothed speckle is
+    well below it. Measured as the ratio of the image to its local mean, in bright enough areas."""
+
+    def speckle_contrast(root: Path) -> float:
+        ratios = []
+        for p in sorted(root.glob("*/*).png")):
+            image = np.asarray(Image.open(p).convert("L"), dtype=float)
+            local = ndimage.uniform_filter(image, 9)
+            ratios.append((image / np.maximum(local, 1))[local > 60])
+        return float(np.concatenate(ratios).std())
+
+    easy, hard = speckle_contrast(busi_pair["easy"]), speckle_contrast(busi_pair["hard"])
+    assert hard > easy + 0.1 and 0.38 < hard < 0.65, (easy, hard)
+
+
+def test_hard_lesion_sizes_spread_over_two_orders_of_magnitude(busi_pair):
+    areas = [m.mean() for _, m, _ in _lesions(busi_pair["hard"])]
+    assert min(areas) < 0.01 and max(areas) > 0.08, sorted(areas)
+
+
+def test_hard_malignant_margins_are_less_convex_than_easy_ones(busi_pair):
+    from scipy.spatial import ConvexHull
+
+    def solidity(root: Path) -> float:
+        values = []
+        for _, m, cls in _lesions(root):
+            if cls == "malignant":
+                points = np.argwhere(m)
+                values.append(m.sum() / ConvexHull(points).volume)
+        return float(np.mean(values))
+
+    assert solidity(busi_pair["hard"]) < solidity(busi_pair["easy"]) - 0.05
+
+
+def test_unknown_realism_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="realism"):
+        synth_busi(tmp_path / "x", n=3, size=32, realism="real")
+    assert not (tmp_path / "x").exists()

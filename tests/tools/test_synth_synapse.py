@@ -108,3 +108,82 @@ def test_refuses_non_empty_output_and_too_small_shapes(tmp_path: Path):
     with pytest.raises(ValueError, match="at least 32 32 8"):
         synth_synapse(tmp_path / "new", n=1, shape=(16, 32, 8))
     assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture(scope="module")
+def ct_pair(tmp_path_factory) -> dict[str, Path]:
+    """The same four cases generated easy and hard."""
+    root = tmp_path_factory.mktemp("realism")
+    return {r: Path(synth_synapse(root / r, n=4, shape=(64, 64, 24), seed=0, realism=r)) for r in ("easy", "hard")}
+
+
+def _cases(root: Path):
+    for img in sorted((root / "img").glob("*.nii.gz")):
+        image, nii = _load(img)
+        label, _ = _load(root / "label" / img.name.replace("img", "label"))
+        yield image.astype(float), label, nii.affine
+
+
+def test_hard_realism_keeps_the_raw_btcv_layout_and_all_labels(ct_pair):
+    hard = ct_pair["hard"]
+    assert sorted(p.relative_to(hard).as_posix() for p in hard.rglob("*.nii.gz")) == sorted(
+        p.relative_to(ct_pair["easy"]).as_posix() for p in ct_pair["easy"].rglob("*.nii.gz")
+    )
+    for image, label, _ in _cases(hard):
+        assert image.dtype == float and np.unique(label).tolist() == list(range(14))
+
+
+def test_hard_organ_positions_vary_more_between_cases(ct_pair):
+    def spread(root: Path) -> float:
+        """Mean over organs of the between-case standard deviation of the organ's centroid (mm)."""
+        centroids = [[_centroid_world(lab, aff, k) for k in (1, 2, 3, 6, 7)] for _, lab, aff in _cases(root)]
+        return float(np.std(np.asarray(centroids), axis=0).mean())
+
+    assert spread(ct_pair["hard"]) > 1.8 * spread(ct_pair["easy"])
+
+
+def test_hard_volumes_are_noisier_and_non_uniform(ct_pair):
+    from scipy import ndimage
+
+    def liver_stats(root: Path) -> tuple[float, float]:
+        """(noise: std of the liver minus its local mean, non-uniformity: spread of slab means of the liver)."""
+        noise, drift = [], []
+        for image, label, _ in _cases(root):
+            liver = ndimage.binary_erosion(label == 6, iterations=2)
+            noise.append((image - ndimage.uniform_filter(image, 3))[liver].std())
+            slabs = [image[:, :, k][liver[:, :, k]].mean() for k in range(image.shape[2]) if liver[:, :, k].sum() > 20]
+            drift.append(np.ptp(slabs))
+        return float(np.mean(noise)), float(np.mean(drift))
+
+    (easy_noise, easy_drift), (hard_noise, hard_drift) = liver_stats(ct_pair["easy"]), liver_stats(ct_pair["hard"])
+    assert hard_noise > 1.5 * easy_noise and hard_drift > easy_drift + 10, (
+        easy_noise,
+        hard_noise,
+        easy_drift,
+        hard_drift,
+    )
+
+
+def test_hard_organ_edges_are_blurred_by_partial_volume(ct_pair):
+    """The liver's outermost voxels already carry part of the step to the tissue outside it (labels stay
+    sharp): the fraction of the step is larger in hard volumes."""
+    from scipy import ndimage
+
+    def step_fraction(root: Path) -> float:
+        fractions = []
+        for image, label, _ in _cases(root):
+            liver = label == 6
+            interior = ndimage.binary_erosion(liver, iterations=3)
+            boundary = liver & ~ndimage.binary_erosion(liver)
+            outside = ndimage.binary_dilation(liver) & ~liver & (label == 0)
+            inside_mean = image[interior].mean()
+            fractions.append((inside_mean - image[boundary].mean()) / (inside_mean - image[outside].mean()))
+        return float(np.mean(fractions))
+
+    assert step_fraction(ct_pair["hard"]) > step_fraction(ct_pair["easy"]) + 0.05
+
+
+def test_unknown_realism_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="realism"):
+        synth_synapse(tmp_path / "x", n=1, shape=(32, 32, 8), realism="real")
+    assert not (tmp_path / "x").exists()

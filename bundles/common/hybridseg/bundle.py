@@ -153,3 +153,11 @@ def with_weights(model: torch.nn.Module, loader, **paths) -> torch.nn.Module:
         text = report.summary() if hasattr(report, "summary") else str(report)
         logging.getLogger("hybridseg").info("pretrained weights (%s): %s", loader.__name__, text)
     return model
+
+
+def select_network(builders: dict, name: str) -> torch.nn.Module:
+    """Build network ``name`` from ``builders`` (name -> callable, the configs' ``network_defs`` written with
+    ``"_mode_": "callable"`` so that only the chosen network is constructed)."""
+    if name not in builders:
+        raise ValueError(f"network_name {name!r} is not one of: {', '.join(sorted(builders))}")
+    return builders[name]()

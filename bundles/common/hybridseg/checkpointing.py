@@ -1,4 +1,5 @@
-"""Training persistence: atomic checkpoints of the full training state, resume, a stop on non-finite loss."""
+"""Training persistence: atomic checkpoints of the full training state, resume, a stop on non-finite loss, a
+wall-clock training budget."""
 
 from __future__ import annotations
 
@@ -329,3 +330,59 @@ def attach_resume(
             return None
     StateDictCheckpointLoader(path, load_dict, map_location=map_location).attach(trainer)
     return str(path)
+
+
+class TrainingTimeBudget:
+    """Stop training within ``seconds`` of wall-clock time from the trainer's start (validation and
+    checkpointing included): after an epoch (and its validation), stop when another epoch of the mean length
+    so far would not fit; during an epoch, stop at the first iteration past the budget and run ``validator``
+    once on the weights reached (so the best model is chosen among them too; this last validation is the only
+    time spent past the budget). ``None`` or 0: no limit. Used to give networks the same time budget."""
+
+    def __init__(self, seconds: float | None, validator: Any = None) -> None:
+        self.seconds = float(seconds or 0)
+        self.validator = validator
+        self._start = 0.0
+        self._first_epoch = 0
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if self.seconds <= 0:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+
+    def _started(self, engine: Any) -> None:
+        import time
+
+        self._start = time.perf_counter()
+        self._first_epoch = int(engine.state.epoch)  # a resumed run's epochs before the start do not count
+
+    def _elapsed(self) -> float:
+        import time
+
+        return time.perf_counter() - self._start
+
+    def _stop(self, engine: Any, why: str) -> None:
+        logger.info(
+            "time budget %.0f s: %s after %.0f s (iteration %d)",
+            self.seconds,
+            why,
+            self._elapsed(),
+            engine.state.iteration,
+        )
+        engine.terminate()
+
+    def _epoch_completed(self, engine: Any) -> None:
+        done = int(engine.state.epoch) - self._first_epoch
+        if done > 0 and self._elapsed() * (done + 1) / done > self.seconds:
+            self._stop(engine, "another epoch would not fit, stopping")
+
+    def _iteration_completed(self, engine: Any) -> None:
+        if engine.should_terminate or self._elapsed() <= self.seconds:
+            return
+        self._stop(engine, "spent, stopping mid-epoch")
+        if self.validator is not None:
+            self.validator.run(engine.state.epoch)

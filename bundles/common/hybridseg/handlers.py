@@ -1,5 +1,4 @@
-"""Ignite handlers for the bundles' evaluation: the report (per-case table, summaries, overlays) built on MONAI's
-metric handlers. Training persistence (checkpoints, resume, non-finite stop) is in :mod:`hybridseg.checkpointing`."""
+"""Ignite handlers for the bundles' evaluation: per-case metric reports under named protocols."""
 
 from __future__ import annotations
 
@@ -17,15 +16,36 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.handlers import IgniteMetricHandler, from_engine
+from monai.transforms import Resize
 
-from hybridseg.bundle import is_main_process
-from hybridseg.image_io import output_stem, overlay_rgb, read_2d, write_png
+from hybridseg.image_io import output_stem, overlay_rgb, write_png
 from hybridseg.io import atomic_write_text
-from hybridseg.metrics import MetricRecord, SegmentationProtocolMetric, mask_status, summarize
+from hybridseg.metrics import (
+    MetricRecord,
+    SegmentationProtocolMetric,
+    binary_case_metrics,
+    label_volume_metrics,
+    summarize,
+)
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ("case", "class_id", "class_name", "protocol", "dice", "iou", "hd95", "hd95_unit", "hd95_method", "status")
+CSV_FIELDS = (
+    "case",
+    "class_id",
+    "class_name",
+    "protocol",
+    "grid",
+    "dice",
+    "iou",
+    "hd95",
+    "hd95_unit",
+    "hd95_method",
+    "status",
+)
+#: ``grid`` of metrics measured on the image's own (original) grid
+ORIGINAL_GRID = "original"
+
 #: The metrics each protocol defines (the paper protocol has no IoU).
 PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {
     "paper": ("dice", "hd95"),
@@ -60,6 +80,17 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(torch.as_tensor(x).detach().cpu())
 
 
+def _spacing(x: Any, ndim: int) -> tuple[float, ...] | None:
+    """Voxel spacing per array axis from a MetaTensor's affine (column norms), None without one."""
+    affine = getattr(x, "affine", None)
+    if affine is None:
+        return None
+    a = _np(affine).astype(np.float64)
+    if a.ndim == 3:
+        a = a[0]
+    return tuple(float(v) for v in np.sqrt((a[:ndim, :ndim] ** 2).sum(axis=0)))
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return ""
@@ -67,26 +98,30 @@ def _fmt(v: float | None) -> str:
 
 
 class SegmentationReport:
-    """The evaluation report of MONAI metric handlers' per-case details, written at epoch end.
+    """Per-case Dice / IoU / HD95 of an evaluator's outputs under named protocols, written at epoch end.
 
-    ``metrics``: the :func:`protocol_metric_handlers` the evaluator runs (``<protocol>_<metric>`` ->
-    handler); their ``engine.state.metric_details`` tables hold every value, so the report computes no
-    metric itself, only each class's mask status (which mask is empty) for the table and the overlays.
     Files in ``output_dir``: ``metrics_per_case.csv`` (one row per case, class and protocol; ``status``
     says when a mask was empty), ``summary_<protocol>.json`` (mean/std per class and over classes, NaN
     counts) and ``summary.md`` (the papers' table layout: one row per protocol, mean Dice and HD95, then
-    per-class Dice). Overlay PNGs of the first ``n_overlays`` cases go to ``output_dir/overlays``. MONAI's
-    ``MetricsSaver`` beside it writes the same details in its own layout (``*_raw.csv``, ``*_summary.csv``).
+    per-class Dice). Overlay PNGs of the first ``n_overlays`` cases go to ``output_dir/overlays``.
 
-    ``mode="binary"``: ``pred``/``label`` are ``(1, H, W)`` masks (BUSI). ``mode="labels"``: ``(1, *spatial)``
-    label maps (Synapse). Under DDP every rank records its own cases; rank 0 gathers them and writes.
+    ``mode="binary"``: ``pred``/``label`` are ``(1, H, W)`` masks (BUSI, protocol ``busi``).
+    ``mode="labels"``: ``pred``/``label`` are ``(1, *spatial)`` label maps (Synapse; protocols ``paper``
+    and ``physical``, spacing read from the label's affine).
+    ``grid_key`` (binary mode): the output item holding the prediction on the network's grid (e.g. 224 x 224,
+    before it is resized back). Each case is then scored twice, each named in the ``grid`` column: on its
+    original grid (``original``) and on the network grid (``224x224``: the label resized there with nearest
+    neighbour, as training resizes labels), reported as ``<protocol>`` and ``<protocol>_grid``
+    (``summary_<protocol>_grid.json``). HD95 in pixels scales with the grid, so the two differ by about the
+    resize factor.
+    Under DDP every rank computes its own cases; rank 0 gathers and writes.
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
         class_names: Mapping[Any, str],
-        metrics: Mapping[str, IgniteMetricHandler],
+        protocols: Sequence[str] = ("busi",),
         mode: str = "binary",
         pred_key: str = "pred",
         label_key: str = "label",
@@ -94,56 +129,91 @@ class SegmentationReport:
         case_key: str | None = None,
         n_overlays: int = 4,
         overlay_from_file: bool = False,
+        grid_key: str | None = None,
     ) -> None:
         if mode not in ("binary", "labels"):
             raise ValueError(f"mode must be 'binary' or 'labels', got {mode!r}")
-        if not metrics:
-            raise ValueError("no metric handlers to report")
         self.output_dir = Path(output_dir)
         self.class_names = {int(k): str(v) for k, v in class_names.items() if int(k) != 0}
-        self.metrics = dict(metrics)
-        self.protocols: tuple[str, ...] = tuple(dict.fromkeys(h.metric_fn.protocol for h in self.metrics.values()))
+        self.protocols = tuple(protocols)
         self.mode = mode
         self.pred_key, self.label_key, self.image_key, self.case_key = (pred_key, label_key, image_key, case_key)
         self.n_overlays = n_overlays
         self.overlay_from_file = overlay_from_file
-        self.cases: list[tuple[str, list[str]]] = []  # (case name, mask status per class id)
+        if grid_key is not None and mode != "binary":
+            raise ValueError("grid_key (metrics on the network grid) is for mode='binary'")
+        self.grid_key = grid_key
+        self.grids: dict[str, str] = {}
         self.rows: list[dict[str, Any]] = []
+        self.records: dict[str, list[MetricRecord]] = {}
         self.summaries: dict[str, dict[str, Any]] = {}
-
-    @property
-    def class_ids(self) -> list[int]:
-        return sorted(self.class_names)
+        self._n_cases = 0
 
     def attach(self, engine: Any) -> None:
+
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def reset(self, engine: Any = None) -> None:
-        self.cases, self.rows, self.summaries = [], [], {}
+        self.rows, self.records, self.summaries, self._n_cases = [], {p: [] for p in self.protocols}, {}, 0
+        self.grids = {}
 
     def _case_name(self, item: Mapping[str, Any]) -> str:
         if self.case_key and self.case_key in item:
             return str(item[self.case_key])
         meta = getattr(item.get(self.image_key), "meta", {}) or {}
         name = meta.get("filename_or_obj")
-        return output_stem(name) if name else f"case{len(self.cases):04d}"
+        return output_stem(name) if name else f"case{self._n_cases:04d}"
 
-    def add_case(self, case: str, pred: Any, label: Any, image: Any = None) -> None:
-        """Record one case's mask status per class (and its overlay); its values come from the metrics."""
+    def add_case(self, case: str, pred: Any, label: Any, image: Any = None, grid_pred: Any = None) -> None:
+        """Score one case (also usable without an engine); ``grid_pred``: the prediction on the network grid."""
         p, g = _np(pred), _np(label)
         if p.shape != g.shape:
             raise ValueError(f"case {case}: prediction shape {p.shape} differs from label shape {g.shape}")
         p, g = (p.reshape(p.shape[1:]) if p.shape[0] == 1 else p, g.reshape(g.shape[1:]) if g.shape[0] == 1 else g)
-        if self.mode == "binary":
-            status = [mask_status(p > 0.5, g > 0.5)]
-        else:
-            p_ids, g_ids = set(np.unique(np.rint(p)).astype(int)), set(np.unique(np.rint(g)).astype(int))
-            status = [mask_status(np.array(c in p_ids), np.array(c in g_ids)) for c in self.class_ids]
-        if len(self.cases) < self.n_overlays:
+        for protocol in self.protocols:
+            if self.mode == "binary":
+                recs = [binary_case_metrics(p > 0.5, g > 0.5, protocol)]  # type: ignore[arg-type]
+            else:
+                spacing = _spacing(label, g.ndim) if protocol == "physical" else None
+                recs = label_volume_metrics(
+                    np.rint(p).astype(np.int64),
+                    np.rint(g).astype(np.int64),
+                    sorted(self.class_names),
+                    protocol,
+                    spacing,  # type: ignore[arg-type]
+                )
+            self._add(case, protocol, ORIGINAL_GRID, recs)
+            if grid_pred is not None:
+                gp = _np(grid_pred)
+                gp = gp.reshape(gp.shape[1:]) if gp.shape[0] == 1 else gp
+                gg = _np(Resize(spatial_size=gp.shape, mode="nearest")(g[None].astype(np.float32)))[0]
+                grid = "x".join(str(n) for n in gp.shape)
+                self._add(case, f"{protocol}_grid", grid, [binary_case_metrics(gp > 0.5, gg > 0.5, protocol)])
+        if self._n_cases < self.n_overlays:
             self._overlay(case, p, g, image)
-        self.cases.append((case, status))
+        self._n_cases += 1
+
+    def _add(self, case: str, name: str, grid: str, recs: list[MetricRecord]) -> None:
+        self.records.setdefault(name, []).extend(recs)
+        self.grids[name] = grid
+        for r in recs:
+            self.rows.append(
+                {
+                    "case": case,
+                    "class_id": r.class_id,
+                    "class_name": self.class_names.get(r.class_id, ""),
+                    "protocol": r.protocol,
+                    "grid": grid,
+                    "dice": r.dice,
+                    "iou": r.iou,
+                    "hd95": r.hd95,
+                    "hd95_unit": r.hd95_unit,
+                    "hd95_method": r.hd95_method,
+                    "status": r.status,
+                }
+            )
 
     def iteration_completed(self, engine: Any) -> None:
         output, batch = engine.state.output, engine.state.batch
@@ -153,7 +223,11 @@ class SegmentationReport:
             # MONAI keeps datalist fields such as "case" in the batch, predictions in the output
             merged = {**data, **item} if isinstance(data, Mapping) else item
             self.add_case(
-                self._case_name(merged), merged[self.pred_key], merged[self.label_key], merged.get(self.image_key)
+                self._case_name(merged),
+                merged[self.pred_key],
+                merged[self.label_key],
+                merged.get(self.image_key),
+                merged.get(self.grid_key) if self.grid_key else None,
             )
 
     def _overlay(self, case: str, p: np.ndarray, g: np.ndarray, image: Any) -> None:
@@ -161,6 +235,8 @@ class SegmentationReport:
         if self.mode == "binary":
             img = None
             if self.overlay_from_file and image is not None:
+                from hybridseg.transforms import read_2d
+
                 img, _ = read_2d(image.meta["filename_or_obj"])
             if img is None or img.shape != p.shape:
                 img = _np(image)[0] if image is not None and _np(image).shape[-2:] == p.shape else p.astype(float)
@@ -172,77 +248,35 @@ class SegmentationReport:
         sl = (slice(None), slice(None), z) if z is not None else (slice(None),) * g.ndim
         write_png(out / f"{case}_z{z}.png", overlay_rgb(vol[sl], p[sl] > 0, g[sl] > 0))
 
-    def _gather_cases(self) -> list[tuple[str, list[str]]]:
-        """Every rank's cases in rank order: the order of MONAI's all-gathered metric details."""
+    def _gather(self) -> None:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.cases
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, self.cases)
-        return [c for cases in gathered for c in cases]
+            return
+        world = torch.distributed.get_world_size()
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, (self.rows, self.records, self.grids))
+        self.rows = [r for rows, _, _ in gathered for r in rows]
+        merged: dict[str, list[MetricRecord]] = {}
+        for _, recs, grids in gathered:
+            for k, v in recs.items():
+                merged.setdefault(k, []).extend(v)
+            self.grids.update(grids)
+        self.records = merged
 
-    def _records(self, engine: Any, cases: list[tuple[str, list[str]]]) -> dict[str, list[list[MetricRecord]]]:
-        """Per protocol, per case: one MetricRecord per class, from the metric handlers' details."""
-        details = getattr(engine.state, "metric_details", {})
-        values: dict[str, dict[str, np.ndarray]] = {p: {} for p in self.protocols}
-        method, unit = {}, {}
-        for name, handler in self.metrics.items():
-            fn = handler.metric_fn
-            if name not in details:
-                raise RuntimeError(f"metric {name!r} saved no details: attach it to the evaluator with save_details")
-            table = _np(details[name]).reshape(len(cases), -1)
-            if fn.class_ids != self.class_ids:
-                raise ValueError(f"metric {name!r} scores classes {fn.class_ids}, the report names {self.class_ids}")
-            values[fn.protocol][fn.metric] = table
-            method[fn.protocol], unit[fn.protocol] = fn.hd95_method, fn.hd95_unit or ""
-        out: dict[str, list[list[MetricRecord]]] = {}
-        for protocol, tables in values.items():
-            out[protocol] = [
-                [
-                    MetricRecord(
-                        class_id=c,
-                        dice=float(tables["dice"][i, j]) if "dice" in tables else math.nan,
-                        iou=float(tables["iou"][i, j]) if "iou" in tables else None,
-                        hd95=float(tables["hd95"][i, j]) if "hd95" in tables else None,
-                        status=status[j],
-                        protocol=protocol,
-                        hd95_unit=unit[protocol],
-                        hd95_method=method[protocol],
-                    )
-                    for j, c in enumerate(self.class_ids)
-                ]
-                for i, (_, status) in enumerate(cases)
-            ]
-        return out
-
-    def epoch_completed(self, engine: Any) -> None:
-        cases = self._gather_cases()
-        records = self._records(engine, cases)
-        self.rows = [
-            {
-                "case": case,
-                "class_id": r.class_id,
-                "class_name": self.class_names.get(r.class_id, ""),
-                "protocol": r.protocol,
-                "dice": r.dice,
-                "iou": r.iou,
-                "hd95": r.hd95,
-                "hd95_unit": r.hd95_unit,
-                "hd95_method": r.hd95_method,
-                "status": r.status,
-            }
-            for i, (case, _) in enumerate(cases)
-            for protocol in self.protocols
-            for r in records[protocol][i]
-        ]
+    def epoch_completed(self, engine: Any = None) -> None:
+        self._gather()
+        rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+            torch.distributed.get_rank() == 0
+        )
         self.summaries = {
-            p: summarize([r for case in recs for r in case], class_names=self.class_names)
-            for p, recs in records.items()
+            p: {**summarize(recs, class_names=self.class_names), "grid": self.grids.get(p, ORIGINAL_GRID)}
+            for p, recs in self.records.items()
             if recs
         }
-        if is_main_process():
-            self.write(len(cases))
+        if not rank0:
+            return
+        self.write()
 
-    def write(self, n_cases: int) -> None:
+    def write(self) -> None:
         """Write the CSV, the JSON summaries and the markdown table (atomically)."""
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
@@ -254,18 +288,18 @@ class SegmentationReport:
             atomic_write_text(self.output_dir / f"summary_{p}.json", json.dumps(s, indent=4, default=str) + "\n")
         table = self.table()
         atomic_write_text(self.output_dir / "summary.md", table + "\n")
-        logger.info("segmentation report (%d cases) in %s\n%s", n_cases, self.output_dir, table)
+        logger.info("segmentation report (%d cases) in %s\n%s", self._n_cases, self.output_dir, table)
 
     def table(self) -> str:
-        """One row per protocol: mean Dice, mean HD95 (unit), then each class's mean Dice."""
-        ids = self.class_ids
-        head = ["protocol", "cases", "Dice", "HD95", "HD95 unit"] + [self.class_names[i] for i in ids]
+        """One row per protocol and grid: mean Dice, mean HD95 (unit), then each class's mean Dice."""
+        ids = sorted(self.class_names)
+        head = ["protocol", "grid", "cases", "Dice", "HD95", "HD95 unit"] + [self.class_names[i] for i in ids]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for p, s in self.summaries.items():
+        for s in self.summaries.values():
             over = s["over_classes"]
             hd = over.get("hd95", {}).get("mean", math.nan)
             n_cases = max((e["n_cases"] for e in s["per_class"].values()), default=0)
-            cells = [p, str(n_cases), f"{over['dice']['mean']:.4f}", f"{hd:.2f}", s["hd95_unit"]]
+            cells = [s["protocol"], s["grid"], str(n_cases), f"{over['dice']['mean']:.4f}", f"{hd:.2f}", s["hd95_unit"]]
             cells += [f"{s['per_class'][i]['dice']['mean']:.4f}" if i in s["per_class"] else "" for i in ids]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)

@@ -208,17 +208,20 @@ class DecoderLevel(nn.Module):
     """One decoder level, NHWC: concat(x, skip) -> SCCSA(2C) -> Linear(2C -> C) -> blocks -> PatchExpand.
 
     ``x`` and ``skip`` are (B, H, W, C); the output is (B, 2H, 2W, C/2), or (B, H, W, C) at level 0.
+    Without a skip connection (``use_skip=False``, the skip-count ablation) ``x`` goes straight to the blocks.
     """
 
-    def __init__(self, dim: int, blocks: Sequence[nn.Module], use_sccsa: bool, expand: bool):
+    def __init__(self, dim: int, blocks: Sequence[nn.Module], use_sccsa: bool, expand: bool, use_skip: bool = True):
         super().__init__()
-        self.skip_attention = SCCSA(2 * dim) if use_sccsa else nn.Identity()
-        self.skip_fuse = nn.Linear(2 * dim, dim)
+        self.use_skip = use_skip
+        self.skip_attention = SCCSA(2 * dim) if use_sccsa and use_skip else nn.Identity()
+        self.skip_fuse = nn.Linear(2 * dim, dim) if use_skip else nn.Identity()
         self.blocks = nn.ModuleList(blocks)
         self.expand = PatchExpand(dim) if expand else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.skip_fuse(self.skip_attention(torch.cat([x, skip], dim=-1)))
+        if self.use_skip:
+            x = self.skip_fuse(self.skip_attention(torch.cat([x, skip], dim=-1)))
         for block in self.blocks:
             x = block(x)
         return self.expand(x)
@@ -235,6 +238,8 @@ class BRAUNetPP(nn.Module):
         num_classes: output channels (Synapse: 9 including background).
         n_win: regions per side for bi-level routing attention (Synapse 224: 7; ISIC 256: 8).
         use_sccsa: SCCSA on the skip connections (the published 50.76M network); False gives 31.40M.
+        num_skips: skip connections kept, 0..3 (the paper's skip-count ablation): the ``num_skips``
+            highest-resolution ones, 1/4 first, then 1/8 and 1/16 (3, the default, is the published network).
         embed_dims: widths of levels 0..3 (level 3 is the bottleneck).
         encoder_depths / decoder_depths: BRAU blocks per level 0..2 (shallow to deep).
         topks: routed regions per level 0..2.
@@ -253,6 +258,7 @@ class BRAUNetPP(nn.Module):
         num_classes: int = 9,
         n_win: int = 7,
         use_sccsa: bool = True,
+        num_skips: int = 3,
         embed_dims: Sequence[int] = (96, 192, 384, 768),
         encoder_depths: Sequence[int] = (2, 2, 8),
         decoder_depths: Sequence[int] = (2, 2, 8),
@@ -265,6 +271,8 @@ class BRAUNetPP(nn.Module):
         super().__init__()
         if len(embed_dims) != 4 or len(encoder_depths) != 3 or len(decoder_depths) != 3 or len(topks) != 3:
             raise ValueError("embed_dims needs 4 entries; encoder_depths, decoder_depths and topks need 3")
+        if not 0 <= num_skips <= 3:
+            raise ValueError(f"num_skips must be 0, 1, 2 or 3 (skip connections at 1/4, 1/8, 1/16), got {num_skips}")
         if any(d % head_dim for d in embed_dims[:3]):
             raise ValueError(f"embed_dims {tuple(embed_dims)} must be multiples of head_dim {head_dim}")
         self.in_channels = in_channels
@@ -298,6 +306,7 @@ class BRAUNetPP(nn.Module):
                 blocks(i, decoder_depths[i], _linspace(drop_path_rate, decoder_depths[i])),
                 use_sccsa,
                 expand=i > 0,
+                use_skip=i < num_skips,
             )
             for i in range(3)
         )

@@ -112,6 +112,34 @@ class XFF(nn.Module):
         return self.out_conv(torch.cat([cnn_f, trans_f], dim=1))
 
 
+class NoChannelExchange(nn.Module):
+    """CFCA switched off (ablation): nothing crosses between the branches at the stage.
+
+    (trans (B, Ct, H, W), cnn (B, Cc, H, W)) -> (zeros (B, Cc, H, W), zeros (B, Ct, H, W)), so each branch
+    feeds its own next stage unchanged, as in the article's "CNN + Transformer" and "+ XFF only" rows.
+    """
+
+    def forward(self, trans: torch.Tensor, cnn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Ct, H, W), (B, Cc, H, W) -> (B, Cc, H, W), (B, Ct, H, W) of zeros."""
+        return torch.zeros_like(cnn), torch.zeros_like(trans)
+
+
+class PlainFusion(nn.Module):
+    """XFF switched off (ablation): the article's plain convolution, ``Conv3x3(cat[cnn, trans])``.
+
+    (trans (B, Ct, H, W), cnn (B, Cc, H, W)) -> (B, C_out, H, W); biased, no norm or activation, like XFF's
+    own output conv.
+    """
+
+    def __init__(self, trans_channels: int, cnn_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.out_conv = nn.Conv2d(cnn_channels + trans_channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, trans: torch.Tensor, cnn: torch.Tensor) -> torch.Tensor:
+        """(B, Ct, H, W), (B, Cc, H, W) -> (B, C_out, H, W); the CNN part comes first in the concat."""
+        return self.out_conv(torch.cat([cnn, trans], dim=1))
+
+
 def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
     """[Conv3x3 (bias, padding 1), BatchNorm, ReLU] as three layers."""
     return [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
@@ -140,19 +168,20 @@ class SegmentationHead(nn.Sequential):
 
 
 class CFFormerDecoder(nn.Module):
-    """U-Net decoder: skips (64, H/2), (C1, H/4), (C2, H/8), (C3, H/16), (C4, H/32) -> (B, 64, H, W).
+    """U-Net decoder: skips (C0, H/2), (C1, H/4), (C2, H/8), (C3, H/16), (C4, H/32) -> (B, width, H, W).
 
-    Each step concatenates the skip FIRST and the upsampled tensor second.
+    Each step concatenates the skip FIRST and the upsampled tensor second. CFFormer: C0 = width = 64; the
+    Transformer-only ablation has no H/2 features (C0 = 0, an empty skip).
     """
 
-    def __init__(self, channels: tuple[int, int, int, int, int]) -> None:
+    def __init__(self, channels: tuple[int, int, int, int, int], width: int = STEM_CHANNELS) -> None:
         super().__init__()
         c0, c1, c2, c3, c4 = channels
         self.upconv5 = DecoderBlock(c4, c3)
         self.upconv4 = DecoderBlock(2 * c3, c2)
         self.upconv3 = DecoderBlock(2 * c2, c1)
-        self.upconv2 = DecoderBlock(2 * c1, c0)
-        self.upconv1 = DecoderBlock(2 * c0, c0)
+        self.upconv2 = DecoderBlock(2 * c1, width)
+        self.upconv1 = DecoderBlock(c0 + width, width)
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
         """[skip0 .. skip4] (NCHW) -> (B, 64, H, W) features at the input resolution."""
@@ -168,17 +197,26 @@ class CFFormerEncoder(nn.Module):
     """The two backbones with CFCA and XFF at the four stages: (B, C_in, H, W) -> five NCHW skips.
 
     Skips: (64, H/2) from the ResNet stem, then (Ct_k, H/2^(k+1)) from XFF_k for k = 1..4.
+    Ablations: ``cfca=False`` puts :class:`NoChannelExchange` in CFCA's place, ``xff=False``
+    :class:`PlainFusion` in XFF's (the modules keep their names, so the forward is the same).
     """
 
     __jit_unused_properties__ = ["skip_channels"]  # construction-time information, not part of a scripted forward
 
-    def __init__(self, swin_name: str, in_channels: int, stochastic_depth_prob: float | None = None) -> None:
+    def __init__(
+        self,
+        swin_name: str,
+        in_channels: int,
+        stochastic_depth_prob: float | None = None,
+        cfca: bool = True,
+        xff: bool = True,
+    ) -> None:
         super().__init__()
         self.cnn = ResNet34Features(in_channels)
         self.transformer = SwinV2Features(swin_name, in_channels, stochastic_depth_prob)
         for k, (ct, cc) in enumerate(zip(self.transformer.channels, CNN_CHANNELS, strict=True), start=1):
-            self.add_module(f"cfca{k}", CFCA(ct, cc))
-            self.add_module(f"xff{k}", XFF(ct, cc, ct))
+            self.add_module(f"cfca{k}", CFCA(ct, cc) if cfca else NoChannelExchange())
+            self.add_module(f"xff{k}", XFF(ct, cc, ct) if xff else PlainFusion(ct, cc, ct))
 
     @property
     def skip_channels(self) -> tuple[int, int, int, int, int]:
@@ -217,6 +255,53 @@ def _exchange(
     return cnn + cfca_out[0], trans + cfca_out[1]
 
 
+class CNNEncoder(nn.Module):
+    """CNN-only ablation encoder, ResNet34 alone: (B, C_in, H, W) -> [stem (64, H/2), layer1..4 (64, 128,
+    256, 512 at H/4 .. H/32)] as the decoder's five NCHW skips."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.cnn = ResNet34Features(in_channels)
+
+    __jit_unused_properties__ = ["skip_channels"]
+
+    @property
+    def skip_channels(self) -> tuple[int, int, int, int, int]:
+        """Channels of skip0..skip4."""
+        return (STEM_CHANNELS, *CNN_CHANNELS)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C_in, H, W) -> [skip0, skip1, skip2, skip3, skip4]."""
+        return self.cnn(x)
+
+
+class TransformerEncoder(nn.Module):
+    """Transformer-only ablation encoder, Swin-V2 alone: (B, C_in, H, W) -> [empty (0, H/2), stage 1..4
+    (Ct_k, H/4 .. H/32)] as NCHW skips; Swin has no H/2 features, so skip 0 holds no channels."""
+
+    def __init__(self, swin_name: str, in_channels: int, stochastic_depth_prob: float | None = None) -> None:
+        super().__init__()
+        self.transformer = SwinV2Features(swin_name, in_channels, stochastic_depth_prob)
+
+    __jit_unused_properties__ = ["skip_channels"]
+
+    @property
+    def skip_channels(self) -> tuple[int, int, int, int, int]:
+        """Channels of skip0..skip4."""
+        c1, c2, c3, c4 = self.transformer.channels
+        return (0, c1, c2, c3, c4)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C_in, H, W) -> [skip0 (empty), skip1, skip2, skip3, skip4]."""
+        skips = [x.new_zeros((x.shape[0], 0, x.shape[2] // 2, x.shape[3] // 2))]
+        for t in self.transformer(x):
+            skips.append(t.permute(0, 3, 1, 2))  # NHWC -> NCHW view
+        return skips
+
+
+ENCODERS = ("hybrid", "cnn", "transformer")
+
+
 def reference_init_(module: nn.Module) -> None:
     """The reference's fresh-network init (decoder, head, CFCA): Linear trunc-normal(0.02), conv He-normal."""
     for m in module.modules():
@@ -238,23 +323,44 @@ class CFFormer(nn.Module):
     overrides the Swin drop-path maximum (0.2 / 0.3 / 0.5 by default). Fresh weights follow the
     reference: torchvision's init for the backbones, trunc-normal/He-normal for CFCA, decoder and
     head, PyTorch defaults for XFF. ImageNet backbones: ``load_imagenet_weights``.
+
+    Ablations (the article's Table 3): ``cfca=False`` (no channel exchange between the branches),
+    ``xff=False`` (skips fused by one plain 3x3 convolution instead of XFF), ``encoder="cnn"``
+    (ResNet34 + decoder) or ``encoder="transformer"`` (Swin-V2 + decoder). The defaults build CFFormer.
     """
 
     def __init__(
-        self, variant: str = "b", in_channels: int = 3, num_classes: int = 1, stochastic_depth_prob: float | None = None
+        self,
+        variant: str = "b",
+        in_channels: int = 3,
+        num_classes: int = 1,
+        stochastic_depth_prob: float | None = None,
+        encoder: str = "hybrid",
+        cfca: bool = True,
+        xff: bool = True,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown CFFormer variant {variant!r}; choose one of {sorted(VARIANTS)}")
         if in_channels < 1 or num_classes < 1:
             raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown CFFormer encoder {encoder!r}; choose one of {ENCODERS}")
+        if encoder != "hybrid" and not (cfca and xff):
+            raise ValueError(f"cfca and xff fuse the two branches of the hybrid encoder; encoder={encoder!r} has one")
         self.variant, self.in_channels, self.num_classes = variant, in_channels, num_classes
         self.swin_name = VARIANTS[variant]  # the torchvision ImageNet Swin-V2 model this variant is built on
         self.size_multiple = SIZE_MULTIPLE  # an attribute: scripted code reads no module globals
-        self.encoder = CFFormerEncoder(VARIANTS[variant], in_channels, stochastic_depth_prob)
+        if encoder == "cnn":
+            self.encoder: nn.Module = CNNEncoder(in_channels)
+        elif encoder == "transformer":
+            self.encoder = TransformerEncoder(VARIANTS[variant], in_channels, stochastic_depth_prob)
+        else:
+            self.encoder = CFFormerEncoder(VARIANTS[variant], in_channels, stochastic_depth_prob, cfca, xff)
         self.decoder = CFFormerDecoder(self.encoder.skip_channels)
         self.head = SegmentationHead(STEM_CHANNELS, num_classes)
-        for module in (self.decoder, self.head, *(getattr(self.encoder, f"cfca{k}") for k in range(1, 5))):
+        attention = [m for m in self.encoder.modules() if isinstance(m, CFCA)]
+        for module in (self.decoder, self.head, *attention):
             reference_init_(module)
         # Conv weights stored channels_last like the activations; otherwise oneDNN reorders every
         # weight on every call (a quarter of the fp32 forward time).

@@ -233,11 +233,17 @@ def tool_only_requirements() -> set[str]:
     return set(distribution_names(only).values())
 
 
+# Imported by the runtime only on request: onnxruntime for the "onnxruntime" inference backends
+# (hybridseg.backends). MONAI's metadata has no optional-packages field (it renames optional_packages_version
+# to required_packages_version), so these stay undeclared.
+OPTIONAL_RUNTIME_PACKAGES = {"onnxruntime"}
+
+
 def _declare_requirements(meta_file: Path, meta: dict, runtime: Path) -> None:
     """``required_packages_version`` of a packaged bundle: what its vendored code imports, as the source
     bundle pins it; ``hybridseg`` (it travels inside) and the tools' own packages are dropped."""
     declared = meta.setdefault("required_packages_version", {})
-    missing = sorted(runtime_requirements(runtime) - {_normalise(k) for k in declared})
+    missing = sorted(runtime_requirements(runtime) - {_normalise(k) for k in declared} - OPTIONAL_RUNTIME_PACKAGES)
     if missing:
         raise InputDataError(meta_file, f"required_packages_version lacks {missing}, which the vendored code imports")
     dropped = tool_only_requirements() | {"hybridseg"}

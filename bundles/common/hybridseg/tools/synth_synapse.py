@@ -20,6 +20,14 @@ to the liver hilum. Each organ has its own mean HU (contrast-enhanced, portal ve
 noise and slight blur are added. Every volume contains all 13 labels (small organs have a minimum size
 of about 1.5 voxels in-plane), so the BTCV 13 -> 8 mapping is exercised.
 
+``realism="hard"`` (for recipes that must learn something closer to real CT): organ positions jittered
+about three times as much (up to 8 % of the field of view per axis) and sizes by 0.75-1.3x, more irregular
+organ outlines, organ intensities varying by +-25 HU between cases (liver, spleen and pancreas contrasts
+overlap from case to case), a smooth additive intensity non-uniformity of 15-40 HU amplitude across the
+volume, partial volume (the HU volume blurred by a point-spread function of about one voxel in-plane and
+1.5 slices craniocaudally while labels stay sharp) and noise of 20-40 HU. The default ``"easy"`` keeps
+organs at fixed places with clean intensities for the unit tests.
+
 Files are byte-for-byte deterministic for a given seed and shape (see
 :func:`hybridseg.data.synapse.write_nifti`).
 """
@@ -54,6 +62,7 @@ ORGAN_HU = {
     12: 55,  # right adrenal
     13: 55,  # left adrenal
 }
+REALISM = ("easy", "hard")
 HU_AIR, HU_FAT, HU_MUSCLE, HU_BOWEL, HU_BONE, HU_CORTEX, HU_CSF = -1000, -95, 50, 20, 300, 750, 15
 
 
@@ -131,9 +140,13 @@ def _capsule(shape, points: Sequence[np.ndarray], radii: np.ndarray):
 
 
 def make_ct_case(
-    shape: tuple[int, int, int], rng: np.random.Generator
+    shape: tuple[int, int, int], rng: np.random.Generator, realism: str = "easy"
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """One synthetic case: (int16 HU volume, uint8 BTCV label volume, voxel spacing in mm)."""
+    """One synthetic case: (int16 HU volume, uint8 BTCV label volume, voxel spacing in mm); ``realism``
+    ``"easy"`` or ``"hard"`` (see the module docstring)."""
+    hard = realism == "hard"
+    spread = 2.7 if hard else 1.0  # position jitter multiplier
+    hu_jitter = 25.0 if hard else 8.0  # organ HU varies between cases by up to this
     x, y, z = shape
     g = _Grid(shape)
     fov_xy, fov_z = rng.uniform(330, 390), rng.uniform(240, 300)
@@ -142,7 +155,7 @@ def make_ct_case(
     label = np.zeros(shape, dtype=np.uint8)
 
     def jit(scale: float = 0.03) -> float:
-        return float(rng.uniform(-scale, scale))
+        return float(rng.uniform(-scale * spread, scale * spread))
 
     # Body outline, fat, muscle wall, visceral fat with bowel loops (in-plane, slightly varying along z).
     a = np.linspace(-1, 1, x)[:, None, None]
@@ -195,12 +208,13 @@ def make_ct_case(
             return
         box, m = shape_mask
         m = m & cavity[box]  # organs stay inside the abdominal wall
-        hu[box][m] = ORGAN_HU[label_id] + rng.uniform(-8, 8)
+        hu[box][m] = ORGAN_HU[label_id] + rng.uniform(-hu_jitter, hu_jitter)
         label[box][m] = label_id
 
     def ell(label_id: int, a0, p0, s0, ra0, rp0, rs0, wobble=0.06) -> None:
-        scale = rng.uniform(0.88, 1.12)
+        scale = rng.uniform(0.75, 1.3) if hard else rng.uniform(0.88, 1.12)
         centre = g.vox(a0 + jit(), p0 + jit(), s0 + jit(0.04))
+        wobble = wobble * 2 if hard else wobble
         organ(label_id, _ellipsoid(shape, centre, g.radii(ra0 * scale, rp0 * scale, rs0 * scale), rng, wobble))
 
     def tube(label_id: int, pts, r) -> None:
@@ -228,14 +242,26 @@ def make_ct_case(
     missing = sorted(set(LABEL_SCHEMES["btcv13"]) - set(np.unique(label).tolist()))
     if missing:  # the minimum sizes above should make this impossible; fail loudly rather than silently
         raise RuntimeError(f"synthetic case lost labels {missing} at shape {shape}")
-    hu = ndimage.gaussian_filter(hu, sigma=0.6)
-    hu += rng.normal(0.0, 12.0, size=shape).astype(np.float32)
+    if hard:
+        coarse = rng.standard_normal((4, 4, 3))
+        field = ndimage.zoom(coarse, np.array(shape) / np.array(coarse.shape), order=3)[:x, :y, :z]
+        field = field / (np.abs(field).max() + 1e-6) * rng.uniform(15, 40)  # intensity non-uniformity, HU
+        hu = ndimage.gaussian_filter(hu, sigma=(1.0, 1.0, 1.5)) + np.where(hu > HU_AIR + 200, field, 0.0)
+        hu += rng.normal(0.0, rng.uniform(20, 40), size=shape).astype(np.float32)
+    else:
+        hu = ndimage.gaussian_filter(hu, sigma=0.6)
+        hu += rng.normal(0.0, 12.0, size=shape).astype(np.float32)
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     return hu, label, spacing
 
 
 def synth_synapse(
-    out: str, n: int = 4, shape: Sequence[int] = (64, 64, 24), seed: int = 0, overwrite: bool = False
+    out: str,
+    n: int = 4,
+    shape: Sequence[int] = (64, 64, 24),
+    seed: int = 0,
+    overwrite: bool = False,
+    realism: str = "easy",
 ) -> str:
     """Write ``n`` synthetic CT volumes with BTCV's 13 labels under ``out/img`` and ``out/label``.
 
@@ -246,6 +272,9 @@ def synth_synapse(
             32, 8. Spacing follows from a 330-390 mm in-plane and 240-300 mm craniocaudal field of view.
         seed: seed of everything random; the same arguments give byte-identical files.
         overwrite: allow a non-empty ``out`` (files of the same names are replaced).
+        realism: ``"easy"`` (default: organs at fixed places, clean intensities) or ``"hard"`` (varying
+            positions, sizes and intensities, non-uniformity, partial volume, stronger noise; see the module
+            docstring).
 
     Returns:
         The output folder.
@@ -258,10 +287,12 @@ def synth_synapse(
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if realism not in REALISM:
+        raise ValueError(f"realism must be one of {', '.join(REALISM)}, got {realism!r}")
     out_dir = prepare_output_dir(out, overwrite)
     for cid in case_ids(n):
         rng = np.random.default_rng([int(seed), cid])
-        hu, label, spacing = make_ct_case(shape, rng)
+        hu, label, spacing = make_ct_case(shape, rng, realism)
         sx, sy, sz = spacing
         # RAS affine with axis 0 towards the patient's left and axis 1 towards posterior; centred in-plane.
         affine = np.array(

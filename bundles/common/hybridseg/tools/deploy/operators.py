@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,39 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
     one-frame DICOM image ``(1, rows, columns)`` or a loaded 2D image ``(H, W)`` becomes ``(1, H, W)``
     (rows first), as the bundle's ``LoadImage2Dd`` gives it. The rest of ``preprocessing``, the ``inferer``
     and ``postprocessing`` come unchanged from the inference.json inside the TorchScript file.
+
+    ``backend`` (default: the environment variable ``HYBRIDSEG_BACKEND``, else ``torch``) runs the TorchScript
+    network as is, or exported to ONNX Runtime (``onnxruntime``, ``onnxruntime_int8``: see
+    ``hybridseg.backends``), the graph cached next to the model file; int8 is then calibrated on the first
+    input, as the app has no other images.
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, spatial_dims: int = 3, **kwargs: Any) -> None:
+    def __init__(
+        self, fragment: Fragment, *args: Any, spatial_dims: int = 3, backend: str | None = None, **kwargs: Any
+    ) -> None:
+        from hybridseg.backends import check_backend
+
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims = spatial_dims
+        self.backend = check_backend(backend or os.environ.get("HYBRIDSEG_BACKEND", "torch"))
         super().__init__(fragment, *args, **kwargs)
+
+    def _init_config(self, config_names):
+        super()._init_config(config_names)
+        from hybridseg.backends import BackendInferer
+
+        inner = self._inferer.inferer if isinstance(self._inferer, BackendInferer) else self._inferer
+        # the app's own backend choice, whatever the exported config says; no calibration images here
+        self._inferer = BackendInferer(inner, self.backend, cache_dir=Path(self.bundle_path).parent)
+        LOG.info("inference backend: %s", self.backend)
+
+    def predict(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.backend == "torch":
+            return super().predict(data, *args, **kwargs)
+        # the SDK's TorchScriptModel holds the loaded module as ``predictor``: ONNX export needs the module
+        network = getattr(self._model_network, "predictor", self._model_network)
+        return self._inferer(data, network, *args, **kwargs)
 
     def _get_compose(self, obj_name, disallowed_prefixes):
         # Filter pre- and postprocessing together, before either is built: editing the config later makes
