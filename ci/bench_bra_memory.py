@@ -139,12 +139,12 @@ def check_same_numbers(topk: int) -> float:
 
 def latency(threads: int) -> None:
     """Whole-network latency with hybridseg.tools.bench (medians after warm-up)."""
-    from hybridseg.networks.braunetpp import BRAUNetPP
+    from hybridseg.networks.braunetpp import braunetpp
     from hybridseg.tools.bench import time_forward, time_train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = BRAUNetPP()
+    model = braunetpp()  # the published Synapse network
     rows = [
         ("forward b1 224 fp32", time_forward(model, (1, 1, 224, 224), reps=7)),
         ("forward b1 224 bf16", time_forward(model, (1, 1, 224, 224), dtype=torch.bfloat16, reps=7)),

@@ -88,11 +88,11 @@ def bench_resize(vol: np.ndarray, reps: int) -> None:
 
 def bench_bundle(ct_dir: Path, work: Path, threads: int) -> float:
     """Wall seconds of ``monai.bundle run`` inference on every volume in ``ct_dir``, random weights."""
-    from hybridseg.networks.braunetpp import BRAUNetPP
+    from hybridseg.networks.braunetpp import braunetpp
 
     torch.manual_seed(0)
     ckpt = work / "model.pt"
-    torch.save(BRAUNetPP(in_channels=1, num_classes=9).state_dict(), ckpt)
+    torch.save(braunetpp(in_channels=1, num_classes=9).state_dict(), ckpt)
     config = ROOT / "bundles/braunetpp_synapse/configs/inference.json"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config)]
     cmd += ["--input_dir", str(ct_dir), "--output_dir", str(work / "out"), "--ckpt_path", str(ckpt)]

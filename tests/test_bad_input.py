@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
+from hybridseg.image_io import read_2d, read_volume
 from hybridseg.io import InputDataError
-from hybridseg.transforms import read_2d, read_volume
 
 # file names a user might have: spaces, accents, non-Latin scripts (kept short for every file system)
 NAMES = st.sampled_from(["scan", "my scan", "Bild-ä", "图像 1", "ecografía", "x"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hybridseg.bundle import bundle_root, collect_inputs, warmup_poly_lambda
+from hybridseg.bundle import bundle_root, collect_inputs
 from hybridseg.io import InputDataError
 from tests.reference import REPO_ROOT
 
@@ -32,13 +32,6 @@ def test_inputs_whose_outputs_would_collide_are_refused(tmp_path):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / sub / "a.png")
     with pytest.raises(InputDataError, match="same output name"):
         collect_inputs([tmp_path / "x" / "a.png", tmp_path / "y" / "a.png"], [".png"])
-
-
-def test_warmup_then_poly_schedule():
-    f = warmup_poly_lambda(total=130, warmup=10, power=0.9)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(130) == 0.0
-    assert f(70) == pytest.approx(0.5**0.9)
 
 
 @pytest.mark.parametrize("bundle", ["cfformer_busi", "braunetpp_synapse"])

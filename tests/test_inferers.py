@@ -7,10 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
-from monai.transforms import Compose, NormalizeIntensityd
+from monai.transforms import Compose, NormalizeIntensityd, ScaleIntensityRanged
 
 from hybridseg.inferers import AutocastInferer, ResizedSliceInferer
-from hybridseg.transforms import LoadVolumed, ScaleHUWindowd
+from hybridseg.transforms import LoadVolumed
 
 
 class _SliceNet(torch.nn.Module):
@@ -39,7 +39,7 @@ def test_slice_inferer_equals_the_per_slice_protocol_on_a_loaded_volume_batch(tm
     pre = Compose(
         [
             LoadVolumed("image"),
-            ScaleHUWindowd("image", window=(-3, 3)),
+            ScaleIntensityRanged("image", a_min=-3, a_max=3, b_min=0.0, b_max=1.0, clip=True),
             NormalizeIntensityd("image", subtrahend=0.5, divisor=0.5),
         ]
     )

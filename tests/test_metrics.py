@@ -86,7 +86,7 @@ def crafted_pairs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def official_percase(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    """The official Synapse per-class rules, written from the spec, on top of medpy."""
+    """The official Synapse per-class rules, written from the official evaluation code, on top of medpy."""
     p, g = pred > 0, gt > 0
     if p.sum() > 0 and g.sum() > 0:
         return dc(p, g), medpy_hd95(p, g)

@@ -7,18 +7,13 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import MapLabelValued
 from PIL import Image
 
+from hybridseg.data.synapse import get_label_mapping
+from hybridseg.image_io import read_volume
 from hybridseg.io import InputDataError
-from hybridseg.transforms import (
-    CheckVolumePaird,
-    LoadImage2Dd,
-    LoadVolumed,
-    MapLabelsd,
-    SaveLabelVolumed,
-    ScaleHUWindowd,
-    read_volume,
-)
+from hybridseg.transforms import CheckVolumePaird, LoadImage2Dd, LoadVolumed, SaveLabelVolumed
 
 
 def _volume(shape, name="img.nii.gz"):
@@ -36,31 +31,31 @@ def test_check_volume_pair_refuses_a_2d_image_where_3d_is_expected():
         CheckVolumePaird()({"image": MetaTensor(torch.zeros(1, 8, 8), meta={"filename_or_obj": "img.nii.gz"})})
 
 
-def test_map_labels_applies_the_named_btcv_to_synapse_mapping():
+def test_monai_label_mapping_with_the_named_ids_maps_btcv_to_synapse_organs():
+    """The bundle's MapLabelValued arguments (the mapping's source ids -> target ids), as train.json passes them."""
+    m = get_label_mapping("transunet_8organ")
     label = MetaTensor(torch.tensor([[[0.0, 8.0, 4.0, 11.0, 1.0, 9.0]]]), meta={"filename_or_obj": "l.nii.gz"})
-    out = MapLabelsd("label", "transunet_8organ")({"label": label})["label"]
+    out = MapLabelValued("label", m.source_ids, m.target_ids, dtype=torch.float32)({"label": label})["label"]
     # aorta 8->1, gallbladder 4->2, pancreas 11->6, spleen 1->7, inferior vena cava 9 -> background
     assert out.tolist() == [[[0, 1, 2, 6, 7, 0]]]
     assert out.meta["filename_or_obj"] == "l.nii.gz"
 
 
-def test_map_labels_refuses_ids_outside_the_scheme_naming_the_file():
-    label = MetaTensor(torch.tensor([[[0.0, 14.0]]]), meta={"filename_or_obj": "label0007.nii.gz"})
+def test_check_volume_pair_refuses_label_ids_outside_the_scheme_naming_the_file():
+    ids = get_label_mapping("transunet_8organ").source_ids
+    label = MetaTensor(torch.tensor([[[[0.0, 14.0]]]]), meta={"filename_or_obj": "label0007.nii.gz"})
     with pytest.raises(InputDataError, match=r"label0007.nii.gz.*unexpected label ids \[14\]"):
-        MapLabelsd("label", "transunet_8organ")({"label": label})
+        CheckVolumePaird(label_ids=ids)({"label": label})
+    fraction = MetaTensor(torch.tensor([[[[0.0, 2.5]]]]), meta={"filename_or_obj": "label0008.nii.gz"})
+    with pytest.raises(InputDataError, match=r"label0008.nii.gz.*must be integers"):
+        CheckVolumePaird(label_ids=ids)({"label": fraction})
+    CheckVolumePaird(label_ids=ids)({"label": MetaTensor(torch.tensor([[[[0.0, 13.0]]]]))})
 
 
-def test_hu_window_scales_to_unit_range_and_is_skipped_for_windowed_data():
-    x = {"image": torch.tensor([[-1000.0, -125.0, 75.0, 275.0, 3000.0]])}
-    assert ScaleHUWindowd("image")(x)["image"].tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0]]
-    already = {"image": torch.tensor([[0.0, 0.25, 1.0]])}
-    assert ScaleHUWindowd("image", already_windowed=True)(already)["image"].tolist() == [[0.0, 0.25, 1.0]]
-
-
-def test_hu_window_refuses_nan_voxels():
-    x = {"image": MetaTensor(torch.tensor([[0.0, float("nan")]]), meta={"filename_or_obj": "ct.nii.gz"})}
-    with pytest.raises(InputDataError, match="ct.nii.gz: image contains NaN"):
-        ScaleHUWindowd("image")(x)
+def test_check_volume_pair_refuses_nan_voxels_naming_the_file():
+    x = {"image": MetaTensor(torch.tensor([[[[0.0, float("nan")]]]]), meta={"filename_or_obj": "ct.nii.gz"})}
+    with pytest.raises(InputDataError, match="ct.nii.gz: volume contains NaN"):
+        CheckVolumePaird()(x)
 
 
 def test_load_2d_unions_masks_and_refuses_a_mask_of_another_size(tmp_path):

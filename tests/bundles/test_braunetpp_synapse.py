@@ -150,6 +150,47 @@ def test_inference_reads_a_dicom_series_folder_and_writes_its_grid(trained, syna
     assert json.loads((out / "series1_seg.json").read_text())["source"].endswith("series1")
 
 
+def test_lr_schedule_is_poly_decay_per_iteration_to_zero():
+    """torch's PolynomialLR over epoch_length * max_epochs iterations: lr (1 - t/T)^0.9, then 0."""
+    params = "$[torch.nn.Parameter(torch.zeros(1))]"  # the schedule does not depend on the network
+    parser = train_config("braunetpp_synapse", epoch_length=93, max_epochs=4, **{"optimizer#params": params})
+    optimizer, scheduler = parser.get_parsed_content("optimizer"), parser.get_parsed_content("lr_scheduler")
+    total, lrs = 93 * 4, []
+    for _ in range(total + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:total] == pytest.approx([0.05 * (1 - t / total) ** 0.9 for t in range(total)], rel=1e-12, abs=0)
+    assert lrs[total] == 0.0
+
+
+@pytest.mark.parametrize("side, n_win, shift", [(224, 7, 44.8), (96, 3, 19.2), (256, 8, 51.2)])
+def test_n_win_and_translation_follow_image_size(side, n_win, shift):
+    """n_win = side / 32 (the published 224 / 7) and the augmentation's translation is 20 % of the side."""
+    parser = train_config("braunetpp_synapse", image_size=[side, side])
+    assert parser.get_parsed_content("n_win") == n_win
+    translate = [t for t in parser.get("train#random_transforms")[-2]["transforms"] if "translate_range" in t]
+    parser.update({"translate_probe": translate[0]["translate_range"]})
+    assert parser.get_parsed_content("translate_probe") == [shift, shift]
+    assert tuple(parser.get_parsed_content("hu_window")) == (-125, 275)
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_hu_window_scales_to_unit_range_and_is_skipped_for_windowed_data(windowed):
+    """MONAI's ScaleIntensityRanged clips to [-125, 275] HU and scales to [0, 1]; it is left out (``_disabled_``)
+    when the datalist says the data is already windowed, so the window is never applied twice."""
+    block = {"name": "transunet_8organ", "source": "btcv13", "map": {"8": 1}}
+    parser = train_config(
+        "braunetpp_synapse", datalist_config={"label_mapping": block, "intensity": {"windowed": windowed}}
+    )
+    scale = [t for t in parser.get_parsed_content("volume_transforms") if type(t).__name__ == "ScaleIntensityRanged"]
+    if windowed:
+        assert not scale
+        return
+    x = {"image": torch.tensor([[-1000.0, -125.0, 75.0, 275.0, 3000.0]])}
+    assert scale[0](x)["image"].tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0]]
+
+
 @pytest.mark.slow
 def test_inference_on_onnxruntime_writes_the_labels_of_eager_torch(trained, synapse_dir, tmp_path):
     src = sorted((synapse_dir / "img").glob("*.nii.gz"))[0]

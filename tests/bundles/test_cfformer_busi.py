@@ -147,6 +147,36 @@ def test_one_training_epoch_lowers_the_loss(busi_dir, tmp_path):
     assert after < before, f"loss did not drop: {before:.4f} -> {after:.4f}"
 
 
+def _lr_sequence(parser, steps: int) -> list[float]:
+    """Learning rates the config's optimizer sees at steps 0..steps-1 under its lr_scheduler."""
+    optimizer, scheduler = parser.get_parsed_content("optimizer"), parser.get_parsed_content("lr_scheduler")
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("warmup", [10, 1, 0])
+def test_lr_schedule_is_linear_warmup_then_poly_decay_to_zero(warmup):
+    """torch's LinearLR then PolynomialLR (SequentialLR): (t+1)/w during the warm-up, then (1 - t'/T')^0.9."""
+    total, base = 130, 3e-4
+    params = "$[torch.nn.Parameter(torch.zeros(1))]"  # the schedule does not depend on the network
+    parser = train_config("cfformer_busi", max_epochs=total, warmup_epochs=warmup, **{"optimizer#params": params})
+    expected = [(t + 1) / warmup if t < warmup else (1 - (t - warmup) / (total - warmup)) ** 0.9 for t in range(total)]
+    lrs = _lr_sequence(parser, total + 2)
+    assert lrs[:total] == pytest.approx([base * f for f in expected], rel=1e-12, abs=0)
+    assert lrs[total:] == [0.0, 0.0]
+
+
+def test_config_derives_nothing_by_hand_imagenet_statistics_come_from_the_runtime():
+    parser = train_config("cfformer_busi", dataset_dir="/nowhere")
+    norm = parser.get_parsed_content("network_input_transforms")[-1]
+    assert tuple(norm.normalizer.subtrahend) == (0.485, 0.456, 0.406)
+    assert tuple(norm.normalizer.divisor) == (0.229, 0.224, 0.225)
+
+
 def test_unet_baseline_trains_evaluates_and_infers_with_the_same_data_and_reports(busi_dir, tmp_path):
     """``network_name unet``: MONAI's BasicUNet through the same train / evaluate / inference configs; the
     hybrid's ImageNet paths are not applied to it (a missing file would otherwise stop the run)."""

@@ -25,7 +25,7 @@ def biformer_file(tmp_path):
     """A BiFormer-layout checkpoint sized for TINY_NET, placed in a weights folder under the manifest's name."""
     folder = tmp_path / "weights"
     folder.mkdir()
-    sd = _fake_biformer(TINY_NET["network_def#embed_dims"], [1, 1, 1, 1])
+    sd = _fake_biformer(TINY_NET["network_defs#braunetpp#embed_dims"], [1, 1, 1, 1])
     torch.save({"model": sd, "epoch": 300}, folder / "biformer_base_best.pth")
     return folder, sd
 

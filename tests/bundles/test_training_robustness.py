@@ -21,10 +21,10 @@ from tests.reference import REPO_ROOT
 
 FILES = bundle_files("braunetpp_synapse")
 TINY_NET = {
-    "network_def#embed_dims": [16, 32, 64, 128],
-    "network_def#encoder_depths": [1, 1, 1],
-    "network_def#decoder_depths": [1, 1, 1],
-    "network_def#head_dim": 16,
+    "network_defs#braunetpp#embed_dims": [16, 32, 64, 128],
+    "network_defs#braunetpp#encoder_depths": [1, 1, 1],
+    "network_defs#braunetpp#decoder_depths": [1, 1, 1],
+    "network_defs#braunetpp#head_dim": 16,
 }
 # 64 px slices, 2 slices per iteration (all ranks together), no worker processes, fp32 (bf16 autocast on
 # CPU is slower at these sizes and the determinism test wants plain fp32 arithmetic)

@@ -16,6 +16,7 @@ from hybridseg.networks.braunetpp import (
     FinalPatchExpandX4,
     PatchExpand,
     Stem,
+    braunetpp,
     convert_official_state_dict,
     load_biformer_weights,
     load_official_checkpoint,
@@ -35,6 +36,8 @@ def test_parameter_counts_are_the_published_figures():
     with torch.device("meta"):
         assert _n_params(BRAUNetPP()) == 50_763_648
         assert _n_params(BRAUNetPP(use_sccsa=False)) == 31_403_328
+        published = braunetpp()
+    assert _n_params(published) == 50_763_648 and (published.n_win, published.num_classes) == (7, 9)
 
 
 # --------------------------------------------------------------------------------------------

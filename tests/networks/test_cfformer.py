@@ -15,6 +15,10 @@ from hybridseg.networks.cfformer import (
     XFF,
     CFFormer,
     DecoderBlock,
+    builder,
+    cfformer_b,
+    cfformer_l,
+    cfformer_s,
     convert_reference_state_dict,
     load_imagenet_weights,
 )
@@ -297,6 +301,25 @@ def test_parameter_counts_equal_reference_used_in_forward_counts(variant, used, 
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="unknown CFFormer variant 't'"):
         CFFormer("t")
+    with pytest.raises(ValueError, match="unknown CFFormer variant 't'"):
+        builder("t")
+
+
+@pytest.mark.parametrize(
+    "build, variant, swin, used",
+    [
+        (cfformer_s, "s", "swin_v2_t", 98_281_451),
+        (cfformer_b, "b", "swin_v2_s", 119_667_323),
+        (cfformer_l, "l", "swin_v2_b", 184_815_801),
+    ],
+)
+def test_builders_make_the_published_variants_and_name_their_imagenet_swin(build, variant, swin, used):
+    with torch.device("meta"):
+        model, gray = build(), build(in_channels=1, num_classes=2)
+    assert builder(variant) is build
+    assert (model.variant, model.swin_name, model.encoder.transformer.name) == (variant, swin, swin)
+    assert sum(p.numel() for p in model.parameters()) == used
+    assert (gray.variant, gray.in_channels, gray.num_classes) == (variant, 1, 2)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ PADDED_SIZE = [1, 1, 96, 96]
 TINY = {
     "cfformer_busi": ({"variant": "s", "image_size": [64, 64]}, [1, 3, 96, 128]),
     "braunetpp_synapse": (
-        {"image_size": [64, 64], "n_win": 4, "network_def#embed_dims": [32, 64, 128, 256]},
+        {"image_size": [64, 64], "n_win": 4, "network_defs#braunetpp#embed_dims": [32, 64, 128, 256]},
         [1, 1, 128, 128],
     ),
 }

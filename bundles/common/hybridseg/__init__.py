@@ -1,8 +1,10 @@
 """hybridseg: shared code of the CFFormer (BUSI) and BRAU-Net++ (Synapse) MONAI bundles.
 
-Subpackages: ``networks`` (CFFormer, BRAU-Net++ and their backbones), ``data`` (readers,
-datalist builders, synthetic data generators), ``metrics`` (Dice, IoU, HD95 protocols),
-plus ``io`` (atomic writes, input errors) and ``cli`` (``python -m hybridseg``).
+Runtime (what the bundle configs import; vendored into packaged bundles): ``networks`` (CFFormer,
+BRAU-Net++, their builders and backbones), ``data`` (readers, label schemes, datalist builders),
+``transforms``, ``inferers``, ``metrics`` (Dice, IoU, HD95 protocols), ``handlers`` (evaluation report,
+checkpoints), ``bundle`` (config helpers), ``image_io`` (image/volume readers and writers) and ``io``
+(atomic writes, input errors). Tooling, never imported by the runtime: ``tools`` (``python -m hybridseg``).
 """
 
 __version__ = "0.1.0"

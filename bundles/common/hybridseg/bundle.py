@@ -1,13 +1,15 @@
-"""Helpers the bundle configs call: bundle location, device, inference inputs, LR schedules, log files."""
+"""Helpers the bundle configs call: bundle location, device and rank, inference inputs, log files, weights."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from hybridseg.image_io import output_stem, read_2d, read_volume
 from hybridseg.io import InputDataError
 
 
@@ -46,6 +48,12 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device("cpu")
+
+
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a ``torch.distributed`` job (the rank that logs and writes)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def collect_inputs(
@@ -97,39 +105,15 @@ def collect_inputs(
             raise InputDataError(p, "no such file or folder")
     names = {}
     for f in files:
-        from hybridseg.transforms import output_stem
-
         stem = output_stem(f)
         if stem in names:
             raise InputDataError(f, f"has the same output name as {names[stem]}; outputs would collide")
         names[stem] = f
     if check is not None:
-        from hybridseg.transforms import read_2d, read_volume
-
         reader = {"2d": read_2d, "3d": read_volume}[check]
         for f in files:
             reader(f)
     return [{"image": str(f)} for f in files]
-
-
-def warmup_poly_lambda(total: int, warmup: int = 0, power: float = 0.9):
-    """LR factor for step ``t``: linear warm-up over ``warmup`` steps, then ``(1 - t'/T')**power`` poly decay
-    over the remaining steps (the recipe of both papers; steps are epochs or iterations)."""
-
-    def factor(t: int) -> float:
-        if warmup > 0 and t < warmup:
-            return (t + 1) / warmup
-        span = max(1, total - warmup)
-        return max(0.0, 1.0 - (t - warmup) / span) ** power
-
-    return factor
-
-
-def warmup_poly_scheduler(
-    optimizer: torch.optim.Optimizer, total: int, warmup: int = 0, power: float = 0.9
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR with :func:`warmup_poly_lambda`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly_lambda(total, warmup, power))
 
 
 _FILE_HANDLERS: list = []
@@ -137,8 +121,6 @@ _FILE_HANDLERS: list = []
 
 def log_to_file(path: str | os.PathLike, level: str = "INFO") -> str:
     """Also write the root logger (MONAI's StatsHandler, ignite, ours) to ``path``; returns the path."""
-    import logging
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -154,8 +136,6 @@ def log_to_file(path: str | os.PathLike, level: str = "INFO") -> str:
 
 def close_log_files() -> None:
     """Detach and close the handlers added by :func:`log_to_file` (workflows may share a process)."""
-    import logging
-
     root = logging.getLogger()
     while _FILE_HANDLERS:
         h = _FILE_HANDLERS.pop()
@@ -167,8 +147,6 @@ def with_weights(model: torch.nn.Module, loader, **paths) -> torch.nn.Module:
     """Call ``loader(model, **paths)`` with the paths that are set (a network's weight loader, e.g. ImageNet
     backbones), log its report (loaded / skipped / left at initialisation), and return ``model``; with no
     path set the model is returned untouched."""
-    import logging
-
     given = {k: v for k, v in paths.items() if v not in (None, "", False)}
     if given:
         report = loader(model, **given)

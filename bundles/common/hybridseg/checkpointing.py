@@ -15,8 +15,11 @@ from time import monotonic
 from typing import Any
 
 import torch
+from ignite.engine import Events
+from ignite.handlers import Checkpoint, DiskSaver
 
 from hybridseg.io import InputDataError
+from hybridseg.weights import load_state_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +124,6 @@ class AtomicCheckpointSaver:
         self._due = False
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
-        from ignite.handlers import DiskSaver
-
         # built here, not at save time: its first idist.get_rank() is a collective under DDP, which
         # every rank reaches while the config is parsed but only rank 0 would reach while saving
         self._disk = DiskSaver(self.save_dir, atomic=True, create_dir=True, require_empty=False)
@@ -132,8 +133,6 @@ class AtomicCheckpointSaver:
         return self.save_dir / self.filename
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         if self.key_metric is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_metric)
             return
@@ -250,8 +249,6 @@ class StopOnNonFiniteLoss:
         self.checkpoint = checkpoint
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Any) -> None:
@@ -288,15 +285,9 @@ class StateDictCheckpointLoader:
         self.strict = strict
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Any) -> None:
-        from ignite.handlers import Checkpoint
-
-        from hybridseg.weights import load_state_checkpoint
-
         checkpoint = load_state_checkpoint(self.load_path, list(self.load_dict), map_location=self.map_location)
         prior_max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load=self.load_dict, checkpoint=dict(checkpoint), strict=self.strict)

@@ -14,11 +14,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Events
+from monai.handlers import IgniteMetricHandler, from_engine
 from monai.transforms import Resize
 
+from hybridseg.image_io import output_stem, overlay_rgb, write_png
 from hybridseg.io import atomic_write_text
-from hybridseg.metrics import MetricRecord, binary_case_metrics, label_volume_metrics, summarize
-from hybridseg.transforms import output_stem, overlay_rgb, write_png
+from hybridseg.metrics import (
+    MetricRecord,
+    SegmentationProtocolMetric,
+    binary_case_metrics,
+    label_volume_metrics,
+    summarize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +45,35 @@ CSV_FIELDS = (
 )
 #: ``grid`` of metrics measured on the image's own (original) grid
 ORIGINAL_GRID = "original"
+
+#: The metrics each protocol defines (the paper protocol has no IoU).
+PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {
+    "paper": ("dice", "hd95"),
+    "physical": ("dice", "iou", "hd95"),
+    "busi": ("dice", "iou", "hd95"),
+}
+
+
+def protocol_metric_handlers(
+    num_classes: int, protocols: Sequence[str], output_transform: Any = None
+) -> dict[str, IgniteMetricHandler]:
+    """MONAI metric handlers ``{"<protocol>_<metric>": IgniteMetricHandler}`` for every metric of each protocol.
+
+    Each wraps :class:`~hybridseg.metrics.SegmentationProtocolMetric` (mean over classes, NaN skipped) and
+    saves its per-case, per-class table in ``engine.state.metric_details`` (all-gathered under DDP), where
+    MONAI's ``MetricsSaver`` and :class:`SegmentationReport` read it. Pass them as an evaluator's
+    ``additional_metrics``.
+    """
+    transform = output_transform or from_engine(["pred", "label"])
+    return {
+        f"{protocol}_{metric}": IgniteMetricHandler(
+            SegmentationProtocolMetric(num_classes, protocol, metric),  # type: ignore[arg-type]
+            output_transform=transform,
+            save_details=True,
+        )
+        for protocol in protocols
+        for metric in PROTOCOL_METRICS[protocol]
+    }
 
 
 def _np(x: Any) -> np.ndarray:
@@ -113,7 +150,6 @@ class SegmentationReport:
         self._n_cases = 0
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)

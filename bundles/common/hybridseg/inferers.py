@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
+from tqdm import tqdm
 
 
 def cpu_has_native_bf16() -> bool:
@@ -68,6 +69,7 @@ class ResizedSliceInferer(Inferer):
     neighbour, so ``argmax`` afterwards equals the official argmax-then-nearest-zoom. With
     ``output="labels"`` each slice batch is reduced by argmax at once and the result is a ``(B, 1, H, W, D)``
     label map: memory then stays bounded by one slice batch of logits, whatever the volume depth.
+    Not MONAI's SliceInferer, which tiles each slice at ``roi_size`` instead of resizing it as the papers do.
     """
 
     def __init__(
@@ -91,8 +93,6 @@ class ResizedSliceInferer(Inferer):
     def _slices(self, depth: int):
         steps = range(0, depth, self.sw_batch_size)
         if self.progress:
-            from tqdm import tqdm
-
             steps = tqdm(steps, desc="slices", unit="batch", leave=False)
         return steps
 

@@ -1,86 +1,34 @@
 """MONAI dictionary transforms the bundles need beyond MONAI's own: validated 2D loading (BUSI PNG/JPEG and
-2D NIfTI with mask union), HU windowing and organ mapping for CT, and writers of masks and overlays."""
+2D NIfTI with mask union), validated CT loading and pair checks, and writers of masks, overlays and label
+volumes on the input's grid. The file readers and writers they use are in :mod:`hybridseg.image_io`; HU
+windowing and organ mapping are MONAI's ScaleIntensityRanged and MapLabelValued in the configs."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from hybridseg.io import InputDataError, atomic_path
+from hybridseg.data.busi import read_busi_mask
+from hybridseg.data.synapse import check_label_ids
+from hybridseg.image_io import is_nifti, output_stem, overlay_rgb, read_2d, read_volume, write_png
+from hybridseg.io import InputDataError, atomic_path, atomic_write_text
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + NIFTI_SUFFIXES
-IMAGE_2D_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # Pillow's names for the non-NIfTI suffixes above
+logger = logging.getLogger("hybridseg")
 
-
-def is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
-def read_2d(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 2D image as ``(H, W)`` float32 plus a 4x4 affine (identity for PNG/JPEG).
-
-    PNG/JPEG go through the BUSI reader (RGB -> gray, 8-bit checks); NIfTI keeps its array axes as stored
-    (no reorientation, so outputs can be written back on the same grid) after dropping singleton axes.
-    """
-    if is_nifti(path):
-        import nibabel as nib
-
-        try:
-            img = nib.load(str(path))
-            arr = np.asarray(img.dataobj, dtype=np.float32)
-        except Exception as e:  # nibabel raises many types for corrupt files
-            raise InputDataError(path, f"unreadable NIfTI file ({e.__class__.__name__}: {e})") from e
-        arr = arr.reshape([s for s in arr.shape if s != 1]) if arr.ndim > 2 else arr
-        if arr.ndim != 2:
-            raise InputDataError(path, f"expected a 2D image, got array of shape {img.shape}")
-        if not np.isfinite(arr).all():
-            raise InputDataError(path, "image contains NaN or infinite values")
-        return arr, np.asarray(img.affine, dtype=np.float64)
-    from hybridseg.data.busi import read_busi_image
-
-    # inference accepts the other 8-bit formats of IMAGE_2D_SUFFIXES; BUSI's own files are all PNG
-    return read_busi_image(path, IMAGE_2D_FORMATS).astype(np.float32), np.eye(4)
-
-
-def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a CT volume (NIfTI file, or a DICOM series folder through ITK) as float32 ``(X, Y, Z)`` plus its
-    4x4 affine; fails naming the file when it is unreadable, not 3D, or holds NaN/inf."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            from monai.data import ITKReader
-
-            reader = ITKReader()  # array axes (x, y, z) as nibabel gives them; RAS affine
-            img = reader.read(str(path))
-            arr, meta = reader.get_data(img)
-            affine = np.asarray(meta["affine"], dtype=np.float64)
-        else:
-            import nibabel as nib
-
-            img = nib.load(str(path))
-            arr = np.asarray(img.dataobj, dtype=np.float32)
-            affine = np.asarray(img.affine, dtype=np.float64)
-    except InputDataError:
-        raise
-    except Exception as e:  # readers raise many types for corrupt or truncated files
-        raise InputDataError(path, f"unreadable volume ({e.__class__.__name__}: {e})") from e
-    arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise InputDataError(path, f"expected a 3D volume, got array of shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise InputDataError(path, "volume contains NaN or infinite values")
-    return arr, affine
+# torchvision's ImageNet statistics, which both CFFormer backbones were pretrained with (RGB order).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class LoadImage2Dd(MapTransform):
@@ -88,6 +36,7 @@ class LoadImage2Dd(MapTransform):
     for ``label_key``, the union of one or more binary masks -> ``(1, H, W)`` float32 in {0, 1}.
 
     Every file is validated (readable, 2D, masks binary and the image's size); errors name the file.
+    Not MONAI's LoadImaged: BUSI keeps several masks per image, which are loaded as their union.
     """
 
     def __init__(
@@ -107,8 +56,6 @@ class LoadImage2Dd(MapTransform):
         shape = None
         for key in self.key_iterator(d):
             if key == self.label_key:
-                from hybridseg.data.busi import read_busi_mask
-
                 paths = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
                 mask = read_busi_mask([str(p) for p in paths])
                 arr, affine, name = mask.astype(np.float32), np.eye(4), str(paths[0])
@@ -129,95 +76,11 @@ class LoadImage2Dd(MapTransform):
         return d
 
 
-class ScaleHUWindowd(MapTransform):
-    """Clip CT intensities to a HU window and scale to [0, 1]; a no-op when the data is already windowed
-    (TransUNet's preprocessed release), so the window is never applied twice."""
-
-    def __init__(
-        self, keys: KeysCollection, window: Sequence[float] = (-125, 275), already_windowed: bool = False
-    ) -> None:
-        super().__init__(keys)
-        self.lo, self.hi = float(window[0]), float(window[1])
-        self.already_windowed = already_windowed
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            if not torch.isfinite(torch.as_tensor(x)).all():
-                name = getattr(x, "meta", {}).get("filename_or_obj", key)
-                raise InputDataError(name, "image contains NaN or infinite values")
-            if not self.already_windowed:
-                x = (x.clamp(self.lo, self.hi) - self.lo) / (self.hi - self.lo)
-            d[key] = x.float() if isinstance(x, torch.Tensor) else x
-        return d
-
-
-class MapLabelsd(MapTransform):
-    """Map label ids with a named organ mapping (e.g. BTCV's 13 ids -> the 8 Synapse organs, see
-    :data:`hybridseg.data.synapse.ORGAN_MAPPINGS`); ids outside the source scheme raise an error naming the
-    file rather than silently becoming background."""
-
-    def __init__(self, keys: KeysCollection, mapping: Any) -> None:
-        from hybridseg.data.synapse import get_label_mapping
-
-        super().__init__(keys)
-        self.mapping = get_label_mapping(mapping)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from hybridseg.data.synapse import apply_label_mapping
-
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            name = getattr(x, "meta", {}).get("filename_or_obj", key)
-            mapped = apply_label_mapping(torch.as_tensor(x), self.mapping, path=name)
-            if isinstance(x, MetaTensor):
-                mapped = MetaTensor(mapped, meta=x.meta, applied_operations=x.applied_operations)
-            d[key] = mapped
-        return d
-
-
-def output_stem(path: str | os.PathLike) -> str:
-    """File name without the image suffix (``.nii.gz`` counted as one suffix)."""
-    name = Path(path).name
-    for suf in sorted(IMAGE_2D_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
-
-
-def overlay_rgb(image: np.ndarray, pred: np.ndarray | None = None, gt: np.ndarray | None = None) -> np.ndarray:
-    """Gray image ``(H, W)`` with the ground-truth outline in green and the prediction outline in red, as
-    ``(H, W, 3)`` uint8."""
-    from scipy.ndimage import binary_erosion
-
-    img = np.asarray(image, dtype=np.float32)
-    lo, hi = float(img.min()), float(img.max())
-    g = ((img - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(img)).astype(np.uint8)
-    rgb = np.stack([g, g, g], axis=-1)
-    for mask, colour in ((gt, (0, 255, 0)), (pred, (255, 0, 0))):
-        if mask is None:
-            continue
-        m = np.asarray(mask, dtype=bool)
-        edge = m & ~binary_erosion(m, border_value=0)
-        rgb[edge] = colour
-    return rgb
-
-
-def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write a uint8 gray or RGB array as PNG, atomically."""
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-
-
 class SaveMask2Dd(MapTransform):
     """Write each binary prediction ``(1, H, W)`` (already at the input's size) next to nothing the user owns:
     ``<output_dir>/<stem>_mask.png`` (0/255) for PNG/JPEG inputs or ``<stem>_mask.nii.gz`` on the input's
     grid and affine for NIfTI inputs, plus ``<stem>_overlay.png``. Writes are atomic; an output path equal to
-    an input file is refused."""
+    an input file is refused (neither of which MONAI's SaveImaged does)."""
 
     def __init__(
         self,
@@ -243,8 +106,6 @@ class SaveMask2Dd(MapTransform):
             pred = np.asarray(torch.as_tensor(d[key]).detach().cpu())
             pred = pred.reshape(pred.shape[-2:]) > 0.5
             if is_nifti(src):
-                import nibabel as nib
-
                 ref = nib.load(src)
                 dest = self.output_dir / f"{stem}_mask.nii.gz"
                 self._guard(dest, src)
@@ -274,14 +135,21 @@ class SaveMask2Dd(MapTransform):
 
 class CheckVolumePaird(MapTransform):
     """Validate a loaded CT pair ``(1, H, W, D)``: one channel, three spatial axes, finite
-    intensities, and the label on the image's grid. Errors name the file, instead of failing deep
-    inside a later transform."""
+    intensities, the label on the image's grid and, with ``label_ids``, only those whole-number ids
+    (MONAI's MapLabelValued, which follows, would pass unknown ids through). Errors name the file,
+    instead of failing deep inside a later transform."""
 
     def __init__(
-        self, keys: KeysCollection = ("image", "label"), image_key: str = "image", allow_missing_keys: bool = True
+        self,
+        keys: KeysCollection = ("image", "label"),
+        image_key: str = "image",
+        allow_missing_keys: bool = True,
+        label_key: str = "label",
+        label_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.image_key = image_key
+        self.image_key, self.label_key = image_key, label_key
+        self.label_ids = None if label_ids is None else tuple(int(i) for i in label_ids)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -294,6 +162,8 @@ class CheckVolumePaird(MapTransform):
                 raise InputDataError(name, f"expected a single-channel 3D volume, got shape {shape} (channel first)")
             if key == self.image_key and not torch.isfinite(torch.as_tensor(x)).all():
                 raise InputDataError(name, "volume contains NaN or infinite values")
+            if key == self.label_key and self.label_ids is not None:
+                check_label_ids(torch.unique(torch.as_tensor(x)).cpu().numpy(), self.label_ids, path=name)
             if ref_shape is None:
                 ref_shape = shape[1:]
             elif shape[1:] != ref_shape:
@@ -303,7 +173,8 @@ class CheckVolumePaird(MapTransform):
 
 class LoadVolumed(MapTransform):
     """Load a CT volume (NIfTI file, or a DICOM series folder via ITK) -> ``(1, X, Y, Z)`` float32 MetaTensor
-    with its affine, arrays kept as stored (no reorientation), after the checks of :func:`read_volume`."""
+    with its affine, arrays kept as stored (no reorientation), after the checks of :func:`read_volume`. Not
+    MONAI's LoadImaged: the same reader checks every input before anything is written (``collect_inputs``)."""
 
     def __init__(self, keys: KeysCollection = "image") -> None:
         super().__init__(keys)
@@ -319,7 +190,8 @@ class LoadVolumed(MapTransform):
 
 class SaveLabelVolumed(MapTransform):
     """Write a predicted label volume ``(1, X, Y, Z)`` on the input's own grid: ``<stem>_seg.nii.gz`` with the
-    input's affine (and header for NIfTI input), plus ``<stem>_seg.json`` naming every label id. Atomic."""
+    input's affine (and header for NIfTI input), plus ``<stem>_seg.json`` naming every label id. Atomic, and
+    never over an input file (MONAI's SaveImaged neither keeps the input header nor writes the sidecar)."""
 
     def __init__(
         self,
@@ -334,11 +206,6 @@ class SaveLabelVolumed(MapTransform):
         self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        import json
-        import logging
-
-        import nibabel as nib
-
         d = dict(data)
         image = d[self.image_key]
         src = str(image.meta["filename_or_obj"])
@@ -371,8 +238,6 @@ class SaveLabelVolumed(MapTransform):
                 "shape": list(pred.shape),
                 "affine": np.asarray(affine).tolist(),
             }
-            from hybridseg.io import atomic_write_text
-
             atomic_write_text(self.output_dir / f"{stem}_seg.json", json.dumps(sidecar, indent=4) + "\n")
-            logging.getLogger("hybridseg").info("wrote %s (%s)", dest, "x".join(map(str, pred.shape)))
+            logger.info("wrote %s (%s)", dest, "x".join(map(str, pred.shape)))
         return d

@@ -100,7 +100,13 @@ class LabelMapping:
 
     @property
     def source_ids(self) -> tuple[int, ...]:
+        """Every id of the source scheme, background included."""
         return tuple(sorted(LABEL_SCHEMES[self.source]))
+
+    @property
+    def target_ids(self) -> tuple[int, ...]:
+        """The target id of each of :attr:`source_ids` (0 for the organs the mapping leaves out)."""
+        return tuple(int(self.map.get(i, 0)) for i in self.source_ids)
 
     def to_json(self) -> dict:
         """The ``label_mapping`` block of a datalist (JSON keys are strings)."""
@@ -150,34 +156,35 @@ def apply_label_mapping(
     Returns uint8 numpy for numpy input; a tensor of the input's dtype and device for torch input.
     Raises :class:`InputDataError` (naming ``path`` when given) if ``labels`` holds ids outside the
     source scheme or non-integer values, because silently mapping them to background would hide a wrong
-    data set or a wrong mapping.
+    data set or a wrong mapping. The mapping itself is MONAI's ``MapLabelValue``.
     """
+    from monai.transforms import MapLabelValue  # MONAI imports torch, which this module leaves optional
+
     m = get_label_mapping(mapping)
-    n_ids = max(m.source_ids) + 1
-    lut = np.zeros(n_ids, dtype=np.uint8)
-    for s, t in m.map.items():
-        lut[int(s)] = int(t)
     torch_mod = sys.modules.get("torch")  # only loaded if the caller uses torch; never imported here
     if torch_mod is not None and isinstance(labels, torch_mod.Tensor):
-        values = torch_mod.unique(labels).detach().cpu().numpy()
-        _check_ids(values, m, path)
-        out = torch_mod.as_tensor(lut, device=labels.device)[labels.long()]
-        return out.to(labels.dtype)
+        check_label_ids(torch_mod.unique(labels).detach().cpu().numpy(), m.source_ids, m.source, path)
+        return MapLabelValue(m.source_ids, m.target_ids, dtype=labels.dtype)(labels)
     arr = np.asarray(labels)
-    _check_ids(np.unique(arr), m, path)
-    return lut[arr.astype(np.int64)]
+    check_label_ids(np.unique(arr), m.source_ids, m.source, path)
+    return MapLabelValue(m.source_ids, m.target_ids, dtype=np.uint8)(arr)
 
 
-def _check_ids(values: np.ndarray, m: LabelMapping, path) -> None:
+def check_label_ids(
+    values: np.ndarray, ids: Sequence[int], scheme: str | None = None, path: str | os.PathLike | None = None
+) -> None:
+    """Refuse label ``values`` that are not whole numbers or not among ``ids``; the error names ``path``.
+
+    MONAI's ``MapLabelValue`` leaves unknown ids as they are, which would hide a wrong data set or mapping.
+    """
+    values = np.asarray(values)
     if values.size and not np.all(np.equal(np.mod(values, 1), 0)):
         raise InputDataError(path, f"label values must be integers; found e.g. {values[np.mod(values, 1) != 0][:3]}")
-    bad = sorted(int(v) for v in values if int(v) not in LABEL_SCHEMES[m.source])
+    allowed = {int(i) for i in ids}
+    bad = sorted(int(v) for v in values if int(v) not in allowed)
     if bad:
-        raise InputDataError(
-            path,
-            f"unexpected label ids {bad} for the {m.source!r} scheme "
-            f"(ids {min(m.source_ids)}..{max(m.source_ids)})",
-        )
+        what = f"the {scheme!r} scheme" if scheme else "the expected ids"
+        raise InputDataError(path, f"unexpected label ids {bad} for {what} (ids {min(allowed)}..{max(allowed)})")
 
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, compresslevel: int = 6) -> None:
@@ -271,7 +278,7 @@ def validate_btcv_pair(image: Path, label: Path, scheme: str = "btcv13", affine_
             "intensities lie in [0, 1]: this looks already windowed (e.g. TransUNet's release), not HU; "
             "use convert_transunet and its datalist for such data",
         )
-    _check_ids(np.unique(lab), identity_mapping(scheme), label)
+    check_label_ids(np.unique(lab), tuple(LABEL_SCHEMES[scheme]), scheme, label)
     return img.shape
 
 

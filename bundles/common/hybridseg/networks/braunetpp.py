@@ -1,7 +1,7 @@
 """BRAU-Net++ (Lan et al., 2024): a U-shaped hybrid CNN-Transformer built from bi-level routing attention.
 
 The network that the official code (``Caipengzhou/BRAU-Netplusplus``) actually runs, Synapse
-configuration by default (``/work/shared/spec/braunetpp.md``): 50,763,648 parameters with SCCSA,
+configuration by default (facts and sources: ``docs/networks.md``): 50,763,648 parameters with SCCSA,
 31,403,328 without. The official model also builds a bottleneck stage (``stages.3``) that its forward
 never calls; it is not built here, and :func:`convert_official_state_dict` drops its weights.
 
@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridseg.io import InputDataError, shape_str
+from hybridseg.networks.blocks import DropPath, init_linear_and_layer_norm_
 from hybridseg.networks.bra import DEFAULT_KV_CHUNK_BYTES, BiLevelRoutingAttention
 from hybridseg.weights import LoadReport, read_state_dict
 
 __all__ = [
     "BRAUNetPP",
+    "braunetpp",
     "BRAUBlock",
     "BiLevelRoutingAttention",
     "SCCSA",
@@ -85,21 +88,6 @@ class ConvDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth on a residual branch (B, ...): zero a sample w.p. p, scale the rest by 1/(1-p)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
 
 
 class Mlp(nn.Module):
@@ -325,7 +313,7 @@ class BRAUNetPP(nn.Module):
         self.norm_up = nn.LayerNorm(dims[0])
         self.final_expand = FinalPatchExpandX4(dims[0])
         self.head = nn.Conv2d(dims[0], num_classes, 1, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_linear_and_layer_norm_)  # the official initialisation
         # Conv weights stored channels_last like the activations' NCHW views: otherwise oneDNN copies
         # every weight into that layout on every call (~16 % of the fp32 forward, mostly SCCSA's 7x7s).
         self.to(memory_format=torch.channels_last)
@@ -352,20 +340,17 @@ class BRAUNetPP(nn.Module):
         return F.linear(x, self.head.weight.flatten(1)).permute(0, 3, 1, 2)
 
 
+def braunetpp(in_channels: int = 1, num_classes: int = 9, n_win: int = 7, **kwargs: Any) -> BRAUNetPP:
+    """BRAU-Net++ as published for Synapse (50.76 M parameters); ``n_win`` = image side / 32 (7 at 224).
+
+    The encoder fits BiFormer-base ImageNet weights (``biformer_base_best.pth``, :func:`load_biformer_weights`).
+    """
+    return BRAUNetPP(in_channels, num_classes, n_win, **kwargs)
+
+
 def _linspace(end: float, n: int) -> list[float]:
     """``n`` evenly spaced stochastic-depth rates from 0 to ``end`` (as ``torch.linspace``; works on meta)."""
     return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-
-
-def _init_weights(m: nn.Module) -> None:
-    """The official initialisation: Linear ~ trunc normal (std 0.02), zero bias; LayerNorm 1 / 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,6 +395,26 @@ def _rename(kind: str, key: str) -> str | None:
 
 
 _UNUSED_OFFICIAL = re.compile(r"stages\.3\.")  # the bottleneck blocks the official forward never runs
+# Official BRAUnetSystem modules -> ours: (pattern whose last group is the key below the module, the submodule
+# kind that renames that part (None: kept as is), our module prefix from the match). First match that renames wins.
+_MODEL_RULES: tuple[tuple[re.Pattern[str], str | None, Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r"downsample_layers\.0\.(.*)"), "stem", lambda m: "encoder.0.downsample."),
+    (re.compile(r"downsample_layers\.3\.(.*)"), "downsample", lambda m: "bottleneck."),
+    (re.compile(r"downsample_layers\.(\d)\.(.*)"), "downsample", lambda m: f"encoder.{m[1]}.downsample."),
+    (re.compile(r"stages\.([0-2])\.(\d+)\.(.*)"), "block", lambda m: f"encoder.{m[1]}.blocks.{m[2]}."),
+    (re.compile(r"layers_up\.0\.(.*)"), "patch_expand", lambda m: "bottleneck_expand."),
+    (
+        re.compile(r"layers_up\.([1-3])\.blocks\.(\d+)\.(.*)"),
+        "block",
+        lambda m: f"decoder.{3 - int(m[1])}.blocks.{m[2]}.",
+    ),
+    (re.compile(r"layers_up\.([12])\.upsample\.(.*)"), "patch_expand", lambda m: f"decoder.{3 - int(m[1])}.expand."),
+    (re.compile(r"sccsa([1-3])\.(.*)"), "sccsa", lambda m: f"decoder.{int(m[1]) - 1}.skip_attention."),
+    (re.compile(r"concat_back_dim\.([1-3])\.(weight|bias)$"), None, lambda m: f"decoder.{3 - int(m[1])}.skip_fuse."),
+    (re.compile(r"(norm_up\.(?:weight|bias))$"), None, lambda m: ""),
+    (re.compile(r"up4\.(.*)"), "final_patch_expand_x4", lambda m: "final_expand."),
+    (re.compile(r"output\.(weight)$"), None, lambda m: "head."),
+)
 
 
 def official_to_ours_key(key: str, kind: str = "model") -> str | None:
@@ -427,53 +432,13 @@ def official_to_ours_key(key: str, kind: str = "model") -> str | None:
         return out
     if _UNUSED_OFFICIAL.match(key):
         return None
-    m = re.match(r"downsample_layers\.(\d)\.(.*)", key)
-    if m:
-        i, rest = int(m.group(1)), m.group(2)
-        kind_, prefix = {0: ("stem", "encoder.0.downsample."), 3: ("downsample", "bottleneck.")}.get(
-            i, ("downsample", f"encoder.{i}.downsample.")
-        )
-        out = _rename(kind_, rest)
-        if out is not None:
-            return prefix + out
-    m = re.match(r"stages\.([0-2])\.(\d+)\.(.*)", key)
-    if m:
-        out = _rename("block", m.group(3))
-        if out is not None:
-            return f"encoder.{m.group(1)}.blocks.{m.group(2)}.{out}"
-    m = re.match(r"layers_up\.0\.(.*)", key)
-    if m:
-        out = _rename("patch_expand", m.group(1))
-        if out is not None:
-            return "bottleneck_expand." + out
-    m = re.match(r"layers_up\.([1-3])\.blocks\.(\d+)\.(.*)", key)
-    if m:
-        out = _rename("block", m.group(3))
-        if out is not None:
-            return f"decoder.{3 - int(m.group(1))}.blocks.{m.group(2)}.{out}"
-    m = re.match(r"layers_up\.([12])\.upsample\.(.*)", key)
-    if m:
-        out = _rename("patch_expand", m.group(2))
-        if out is not None:
-            return f"decoder.{3 - int(m.group(1))}.expand.{out}"
-    m = re.match(r"sccsa([1-3])\.(.*)", key)
-    if m:
-        out = _rename("sccsa", m.group(2))
-        if out is not None:
-            return f"decoder.{int(m.group(1)) - 1}.skip_attention.{out}"
-    m = re.match(r"concat_back_dim\.([1-3])\.(weight|bias)$", key)
-    if m:
-        return f"decoder.{3 - int(m.group(1))}.skip_fuse.{m.group(2)}"
-    m = re.match(r"(norm_up\.(?:weight|bias))$", key)
-    if m:
-        return m.group(1)
-    m = re.match(r"up4\.(.*)", key)
-    if m:
-        out = _rename("final_patch_expand_x4", m.group(1))
-        if out is not None:
-            return "final_expand." + out
-    if re.match(r"output\.weight$", key):
-        return "head.weight"
+    for pattern, kind_, prefix in _MODEL_RULES:
+        m = pattern.match(key)
+        if m:
+            tail = m.group(pattern.groups)  # the part below the matched module
+            out = tail if kind_ is None else _rename(kind_, tail)
+            if out is not None:
+                return prefix(m) + out
     raise KeyError(f"unknown official BRAU-Net++ key {key!r}")
 
 

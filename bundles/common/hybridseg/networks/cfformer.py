@@ -1,11 +1,13 @@
 """CFFormer: ResNet34 and Swin-V2 encoders exchanging features at four stages (CFCA + XFF), U-Net decoder.
 
-Built as published (the authors' code, see ``shared/spec/cfformer.md``): at every stage k the two
+Built as published (the authors' code; facts and sources: ``docs/networks.md``): at every stage k the two
 branches run side by side, CFCA swaps channel information between them, both fused tensors feed the
 next stage of their own branch, and XFF fuses them spatially into the decoder's skip k (with the
 transformer's channel count). Tensors are NCHW except inside the Swin stages (NHWC).
 
-Variants: ``s`` = ResNet34 + Swin-V2-T, ``b`` (default) = ResNet34 + Swin-V2-S, ``l`` = ResNet34 + Swin-V2-B.
+Variants: ``s`` = ResNet34 + Swin-V2-T, ``b`` (default) = ResNet34 + Swin-V2-S, ``l`` = ResNet34 + Swin-V2-B;
+built by :func:`cfformer_s`, :func:`cfformer_b`, :func:`cfformer_l` (the model's ``variant`` and ``swin_name``
+say which ImageNet Swin-V2 file fits it).
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridseg.io import InputDataError, shape_str
+from hybridseg.networks.blocks import init_linear_and_layer_norm_
 from hybridseg.networks.resnet import ResNet34Features, resnet34_state_dict_from_torchvision
 from hybridseg.networks.swin_v2 import (
     PRETTY_NAMES,
@@ -301,15 +305,12 @@ ENCODERS = ("hybrid", "cnn", "transformer")
 def reference_init_(module: nn.Module) -> None:
     """The reference's fresh-network init (decoder, head, CFCA): Linear trunc-normal(0.02), conv He-normal."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        init_linear_and_layer_norm_(m)
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+        elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -348,6 +349,7 @@ class CFFormer(nn.Module):
         if encoder != "hybrid" and not (cfca and xff):
             raise ValueError(f"cfca and xff fuse the two branches of the hybrid encoder; encoder={encoder!r} has one")
         self.variant, self.in_channels, self.num_classes = variant, in_channels, num_classes
+        self.swin_name = VARIANTS[variant]  # the torchvision ImageNet Swin-V2 model this variant is built on
         self.size_multiple = SIZE_MULTIPLE  # an attribute: scripted code reads no module globals
         if encoder == "cnn":
             self.encoder: nn.Module = CNNEncoder(in_channels)
@@ -375,6 +377,31 @@ class CFFormer(nn.Module):
         # Swin branch's native NHWC layout, so the hand-overs between the branches are free views.
         x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.decoder(self.encoder(x))).contiguous()
+
+
+def cfformer_s(in_channels: int = 3, num_classes: int = 1, **kwargs: Any) -> CFFormer:
+    """CFFormer-S: ResNet34 + Swin-V2-T (ImageNet files ``resnet34`` and ``swin_v2_t``), 98.3 M parameters."""
+    return CFFormer("s", in_channels, num_classes, **kwargs)
+
+
+def cfformer_b(in_channels: int = 3, num_classes: int = 1, **kwargs: Any) -> CFFormer:
+    """CFFormer-B (the paper's default): ResNet34 + Swin-V2-S (``resnet34``, ``swin_v2_s``), 119.7 M parameters."""
+    return CFFormer("b", in_channels, num_classes, **kwargs)
+
+
+def cfformer_l(in_channels: int = 3, num_classes: int = 1, **kwargs: Any) -> CFFormer:
+    """CFFormer-L: ResNet34 + Swin-V2-B (ImageNet files ``resnet34`` and ``swin_v2_b``), 184.8 M parameters."""
+    return CFFormer("l", in_channels, num_classes, **kwargs)
+
+
+BUILDERS: dict[str, Callable[..., CFFormer]] = {"s": cfformer_s, "b": cfformer_b, "l": cfformer_l}
+
+
+def builder(variant: str) -> Callable[..., CFFormer]:
+    """The builder of a published variant (``s``, ``b`` or ``l``), e.g. a config's ``network_def`` target."""
+    if variant not in BUILDERS:
+        raise ValueError(f"unknown CFFormer variant {variant!r}; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[variant]
 
 
 # --- reference (U-Bench / authors' code) state dicts -------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridseg.io import InputDataError
+from hybridseg.networks.blocks import DropPath, init_linear_and_layer_norm_
 from hybridseg.weights import check_state_dict, load_weights_file, stem_weight_for_channels
 
 WINDOW = 8
@@ -239,28 +240,6 @@ class ShiftedWindowAttentionV2(nn.Module):
         return self.proj(out).view(b, h, w, c)
 
 
-class StochasticDepth(nn.Module):
-    """Drops the whole residual branch per sample with probability ``p`` in training (rescaled by 1/(1-p))."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"stochastic depth probability must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Any (B, ...) tensor -> same shape; identity in eval or when p == 0."""
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        noise = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
-        return x * noise.bernoulli_(keep).div_(keep)
-
-    def extra_repr(self) -> str:
-        """Printed as ``p=...``."""
-        return f"p={self.p}"
-
-
 class SwinMLP(nn.Sequential):
     """Linear(C -> 4C), exact GELU, Linear(4C -> C) on NHWC; indices 0 and 3 as in torchvision's MLP."""
 
@@ -276,7 +255,7 @@ class SwinTransformerBlockV2(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = ShiftedWindowAttentionV2(dim, num_heads, window, shift)
-        self.stochastic_depth = StochasticDepth(drop_path)
+        self.stochastic_depth = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = SwinMLP(dim, 4 * dim)
 
@@ -369,14 +348,8 @@ class SwinV2Features(nn.Module):
         if self.features[0][0].weight.is_meta:
             return  # shape-only model (parameter counting)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, ShiftedWindowAttentionV2):
+            init_linear_and_layer_norm_(m)
+            if isinstance(m, ShiftedWindowAttentionV2):
                 with torch.no_grad():
                     m.logit_scale.fill_(math.log(10.0))
 

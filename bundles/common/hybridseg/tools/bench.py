@@ -83,17 +83,16 @@ DEFAULT_SETTINGS = ("fp32", "bf16", "bf16_weights", "channels_last")
 CUDA_DEFAULT_SETTINGS = ("fp32", "bf16", "fp16", "bf16_weights", "channels_last", "fp16_cuda_graphs")
 
 NETWORKS = {
-    "cfformer_s": ("hybridseg.networks.cfformer", "CFFormer", {"variant": "s"}, 1),
-    "cfformer_b": ("hybridseg.networks.cfformer", "CFFormer", {"variant": "b"}, 1),
-    "cfformer_l": ("hybridseg.networks.cfformer", "CFFormer", {"variant": "l"}, 1),
-    "braunetpp": ("hybridseg.networks.braunetpp", "BRAUNetPP", {"in_channels": 3, "num_classes": 9}, 9),
+    "cfformer_s": ("hybridseg.networks.cfformer", "cfformer_s", {}, 1),
+    "cfformer_b": ("hybridseg.networks.cfformer", "cfformer_b", {}, 1),
+    "cfformer_l": ("hybridseg.networks.cfformer", "cfformer_l", {}, 1),
+    "braunetpp": ("hybridseg.networks.braunetpp", "braunetpp", {"in_channels": 3}, 9),
     # A few-layer BRAU-Net++ with the same code paths, for the CI run of the benchmark itself.
     "braunetpp_tiny": (
         "hybridseg.networks.braunetpp",
-        "BRAUNetPP",
+        "braunetpp",
         {
             "in_channels": 3,
-            "num_classes": 9,
             "embed_dims": (32, 64, 128, 256),
             "encoder_depths": (1, 1, 1),
             "decoder_depths": (1, 1, 1),
@@ -105,7 +104,7 @@ NETWORKS = {
 
 
 def build_network(name: str) -> tuple[torch.nn.Module, int]:
-    """A freshly initialised network from :data:`NETWORKS` and its number of output classes."""
+    """A freshly initialised network from :data:`NETWORKS` (the published variants' builders) and its classes."""
     import importlib
 
     if name not in NETWORKS:

@@ -122,7 +122,7 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
 
 
 def _stem(meta: dict, default: str) -> str:
-    from hybridseg.transforms import output_stem
+    from hybridseg.image_io import output_stem
 
     src = meta.get("filename_or_obj")
     if src:
@@ -203,7 +203,7 @@ class PngLoaderOperator(Operator):
         spec.output("image")
 
     def compute(self, op_input, op_output, context) -> None:
-        from hybridseg.transforms import read_2d
+        from hybridseg.image_io import read_2d
 
         path = self.files[self._next]
         self._next += 1
@@ -239,7 +239,7 @@ class MaskPngWriterOperator(Operator):
         spec.input("seg_image")
 
     def compute(self, op_input, op_output, context) -> None:
-        from hybridseg.transforms import write_png
+        from hybridseg.image_io import write_png
 
         seg = op_input.receive("seg_image")
         mask = np.asarray(seg.asnumpy())
