@@ -127,7 +127,8 @@ def large_files_yml(entries: Sequence[dict[str, str]], notes: Sequence[str] = ()
     lines = [
         "# Weights of this bundle: fetch each file from its url into its path and check its hash.",
         "# An empty url means the file is not published yet; an empty hash_val, that only its publisher's hash",
-        "# prefix is known (python -m hybridseg weights fetch checks it and pins the full SHA-256).",
+        "# prefix is known: the file name's part after its last '-' is the start of its SHA-256 (torchvision's",
+        "# naming), so compare it with the start of `sha256sum FILE`.",
         *(f"# {n}" for n in notes),
     ]
     if not entries:
