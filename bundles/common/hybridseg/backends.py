@@ -34,8 +34,27 @@ from hybridseg.io import atomic_path
 log = logging.getLogger("hybridseg.backends")
 
 BACKENDS = ("torch", "onnxruntime", "onnxruntime_int8")
-INPUT_NAME, OUTPUT_NAME = "image", "pred"  # the keys of network_data_format, as in tools/export.py
-ONNX_OPSET = 18
+# Names of the network's input and output: the keys of network_data_format (and of the Deploy operator's
+# IOMapping), so exported graphs say what they take.
+INPUT_NAME, OUTPUT_NAME = "image", "pred"
+ONNX_OPSET = 18  # ONNX 1.23 / onnxruntime 1.31 support it; the TorchScript-based exporter goes up to 20
+
+
+def write_onnx(network: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, axes: dict) -> None:
+    """Export ``network`` (N, C, H, W) -> logits with torch's TorchScript-based exporter (the dynamo one fails
+    on CFFormer), naming input and output as the metadata does; ``axes``: the dynamic dimensions."""
+    torch.onnx.export(
+        network,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=ONNX_OPSET,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+    )
+
+
 # Quantising only the convolutions and matmuls keeps softmax, normalisation and the additions in float32:
 # they cost little time and most of the int8 error (our choice).
 INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -157,16 +176,7 @@ class OnnxRuntimeNetwork:
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 try:
-                    torch.onnx.export(
-                        self.network,
-                        (example,),
-                        str(tmp),
-                        dynamo=False,
-                        opset_version=ONNX_OPSET,
-                        input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME],
-                        dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-                    )
+                    write_onnx(self.network, example, tmp, axes)
                 except Exception as e:
                     if isinstance(self.network, torch.jit.ScriptModule):
                         raise RuntimeError(

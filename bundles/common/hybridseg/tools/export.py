@@ -32,15 +32,11 @@ from typing import Any
 
 import torch
 
+from hybridseg.backends import INPUT_NAME, OUTPUT_NAME, write_onnx
 from hybridseg.io import InputDataError, atomic_path
 from hybridseg.weights import read_state_dict, torch_load
 
 log = logging.getLogger("hybridseg.tools.export")
-
-# Names of the network's input and output: the keys of network_data_format (and of the Deploy operator's
-# IOMapping), so exported graphs say what they take.
-INPUT_NAME, OUTPUT_NAME = "image", "pred"
-ONNX_OPSET = 18  # ONNX 1.23 / onnxruntime 1.31 support it; the TorchScript-based exporter goes up to 20
 
 
 def bundle_config_files(bundle: str | os.PathLike) -> tuple[Path, Path]:
@@ -190,16 +186,7 @@ def export_onnx(
     axes = {0: "batch", 2: "height", 3: "width"}
     diffs: dict[str, float] = {}
     with atomic_path(filepath) as out, torch.no_grad():
-        torch.onnx.export(
-            net,
-            (_example(shape),),
-            str(out),
-            dynamo=False,
-            opset_version=ONNX_OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-        )
+        write_onnx(net, _example(shape), out, axes)
         out.chmod(0o644)  # as the checkpoint, not the temporary file's private 0600
         onnx.checker.check_model(str(out))
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
