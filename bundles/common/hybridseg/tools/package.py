@@ -22,7 +22,6 @@ weights manifest (``configs/weights.json``) are listed too, under ``models/pretr
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridseg.io import InputDataError, atomic_path, atomic_write_text
+from hybridseg.weights import read_manifest, sha256_of
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # hybridseg/, one above tools/
 BOOTSTRAP_IMPORT = "$import scripts"
@@ -113,14 +113,6 @@ def check_bundle(bundle: str | os.PathLike) -> dict:
     return verify_metadata(bundle / "configs" / "metadata.json")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def large_files_yml(entries: Sequence[dict[str, str]], notes: Sequence[str] = ()) -> str:
     """The zoo's ``large_files.yml`` (path, url, hash_val, hash_type per file), written without PyYAML;
     ``notes`` become comment lines (files that cannot be listed for download)."""
@@ -145,8 +137,6 @@ def pretrained_entries(manifest_file: Path) -> tuple[list[dict[str, str]], list[
     """``large_files.yml`` entries for the pretrained files of a weights manifest, under
     ``models/pretrained/`` (where the bundle's ``pretrained=auto`` also looks), and notes for the files
     with no direct download."""
-    from hybridseg.weights import read_manifest
-
     if not manifest_file.is_file():
         return [], []
     entries, notes = [], []
@@ -367,7 +357,7 @@ def package(
             for f in sorted(models.iterdir()):
                 rel = f.relative_to(staging).as_posix()
                 url = f"{weights_url.rstrip('/')}/{f.name}" if weights_url else ""
-                entries.append({"path": rel, "url": url, "hash_val": sha256(f), "hash_type": "sha256"})
+                entries.append({"path": rel, "url": url, "hash_val": sha256_of(f), "hash_type": "sha256"})
         pretrained, notes = pretrained_entries(staging / "configs" / "weights.json")
         atomic_write_text(staging / "large_files.yml", large_files_yml(entries + pretrained, notes))
         (staging / "large_files.yml").chmod(0o644)
