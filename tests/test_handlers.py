@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
+from monai.data import MetaTensor
 from monai.handlers import MetricsSaver
 
 from hybridseg.handlers import SegmentationReport, protocol_metric_handlers
@@ -76,3 +77,60 @@ def test_report_agrees_with_the_protocol_metric_handlers_and_metrics_saver_write
     assert len((tmp_path / "busi_dice_raw.csv").read_text().splitlines()) == 1 + 3  # MONAI's per-case file
     assert "busi_hd95" in (tmp_path / "metrics.csv").read_text()
     assert [p.name for p in (tmp_path / "overlays").glob("*.png")] == ["a_overlay.png"]
+
+
+def _engine_with_handlers(report: SegmentationReport, num_classes: int, protocols: list[str]) -> Engine:
+    engine = Engine(lambda engine, batch: batch)
+    for name, handler in protocol_metric_handlers(num_classes, protocols).items():
+        handler.attach(engine, name)
+    report.attach(engine)
+    return engine
+
+
+def test_report_takes_hd95_from_the_metric_handlers_without_computing_it_again(tmp_path, monkeypatch):
+    """Synapse-like label volumes under both protocols: with hd95_from_metric_details the report writes the same
+    rows as when it scores HD95 itself, while HD95 runs once per case, class and protocol (in the handlers)."""
+    import hybridseg.metrics as metrics
+
+    rng = np.random.default_rng(0)
+    affine = torch.diag(torch.tensor([0.8, 0.8, 3.0, 1.0], dtype=torch.float64))
+    cases = []
+    for i in range(3):
+        g = torch.zeros(1, 24, 24, 8)
+        g[0, 4:12, 5:14, 2:6], g[0, 14:20, 10:18, 3:7] = 1, 2
+        p = g.clone()
+        p[0, int(rng.integers(3, 6)) : 12, 5:15, 2:6] = 1 if i != 2 else 0  # case 2: class 1 missed
+        label = MetaTensor(g, affine=affine)
+        cases.append([{"case": f"c{i}", "pred": MetaTensor(p, affine=affine), "label": label}])
+    rows = {}
+    calls = []
+    real = metrics.hd95
+    monkeypatch.setattr(metrics, "hd95", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for reuse in (False, True):
+        calls.clear()
+        report = SegmentationReport(
+            tmp_path / str(reuse),
+            {1: "a", 2: "b"},
+            ["paper", "physical"],
+            mode="labels",
+            case_key="case",
+            n_overlays=0,
+            hd95_from_metric_details=reuse,
+        )
+        _engine_with_handlers(report, 3, ["paper", "physical"]).run(cases)
+        rows[reuse] = (tmp_path / str(reuse) / "metrics_per_case.csv").read_text()
+        n_ok = sum(r["status"] == "ok" for r in report.rows)
+        assert len(calls) == (n_ok if reuse else 2 * n_ok)  # handlers: once per scored mask pair; report: again
+    assert rows[True] == rows[False]
+    assert "mm" in rows[True] and "voxel" in rows[True]
+
+
+def test_report_reusing_hd95_says_which_metric_handler_is_missing(tmp_path):
+    """Without the protocol's HD95 handler the report refuses to write rows without HD95, naming the handler."""
+    report = SegmentationReport(tmp_path, {1: "lesion"}, ["busi"], case_key="case", hd95_from_metric_details=True)
+    engine = Engine(lambda engine, batch: batch)
+    report.attach(engine)
+    batch = [{"case": "a", "pred": torch.ones(1, 4, 4), "label": torch.ones(1, 4, 4)}]
+    with pytest.raises(ValueError, match="'busi_hd95'"):
+        engine.run([batch])
+    assert not (tmp_path / "metrics_per_case.csv").exists()

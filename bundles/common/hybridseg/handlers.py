@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -114,6 +115,10 @@ class SegmentationReport:
     neighbour, as training resizes labels), reported as ``<protocol>`` and ``<protocol>_grid``
     (``summary_<protocol>_grid.json``). HD95 in pixels scales with the grid, so the two differ by about the
     resize factor.
+    ``hd95_from_metric_details``: take the original grid's HD95 from the evaluator's protocol metric handlers
+    (:func:`protocol_metric_handlers`, ``<protocol>_hd95`` in ``engine.state.metric_details``) instead of
+    computing it again: HD95 is the costly part of scoring, and the handlers already compute it per case and
+    class on the same prediction and label. Dice, IoU and the mask status are still computed here (cheap).
     Under DDP every rank computes its own cases; rank 0 gathers and writes.
     """
 
@@ -130,6 +135,7 @@ class SegmentationReport:
         n_overlays: int = 4,
         overlay_from_file: bool = False,
         grid_key: str | None = None,
+        hd95_from_metric_details: bool = False,
     ) -> None:
         if mode not in ("binary", "labels"):
             raise ValueError(f"mode must be 'binary' or 'labels', got {mode!r}")
@@ -143,9 +149,10 @@ class SegmentationReport:
         if grid_key is not None and mode != "binary":
             raise ValueError("grid_key (metrics on the network grid) is for mode='binary'")
         self.grid_key = grid_key
+        self.hd95_from_metric_details = hd95_from_metric_details
         self.grids: dict[str, str] = {}
-        self.rows: list[dict[str, Any]] = []
-        self.records: dict[str, list[MetricRecord]] = {}
+        # (rank, case ordinal, case name, protocol name, grid, record) in scoring order
+        self._entries: list[tuple[int, int, str, str, str, MetricRecord]] = []
         self.summaries: dict[str, dict[str, Any]] = {}
         self._n_cases = 0
 
@@ -156,8 +163,7 @@ class SegmentationReport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def reset(self, engine: Any = None) -> None:
-        self.rows, self.records, self.summaries, self._n_cases = [], {p: [] for p in self.protocols}, {}, 0
-        self.grids = {}
+        self._entries, self.summaries, self._n_cases, self.grids = [], {}, 0, {}
 
     def _case_name(self, item: Mapping[str, Any]) -> str:
         if self.case_key and self.case_key in item:
@@ -172,9 +178,10 @@ class SegmentationReport:
         if p.shape != g.shape:
             raise ValueError(f"case {case}: prediction shape {p.shape} differs from label shape {g.shape}")
         p, g = (p.reshape(p.shape[1:]) if p.shape[0] == 1 else p, g.reshape(g.shape[1:]) if g.shape[0] == 1 else g)
+        hd = not self.hd95_from_metric_details
         for protocol in self.protocols:
             if self.mode == "binary":
-                recs = [binary_case_metrics(p > 0.5, g > 0.5, protocol)]  # type: ignore[arg-type]
+                recs = [binary_case_metrics(p > 0.5, g > 0.5, protocol, compute_hd95=hd)]  # type: ignore[arg-type]
             else:
                 spacing = _spacing(label, g.ndim) if protocol == "physical" else None
                 recs = label_volume_metrics(
@@ -183,6 +190,7 @@ class SegmentationReport:
                     sorted(self.class_names),
                     protocol,
                     spacing,  # type: ignore[arg-type]
+                    compute_hd95=hd,
                 )
             self._add(case, protocol, ORIGINAL_GRID, recs)
             if grid_pred is not None:
@@ -196,24 +204,36 @@ class SegmentationReport:
         self._n_cases += 1
 
     def _add(self, case: str, name: str, grid: str, recs: list[MetricRecord]) -> None:
-        self.records.setdefault(name, []).extend(recs)
         self.grids[name] = grid
-        for r in recs:
-            self.rows.append(
-                {
-                    "case": case,
-                    "class_id": r.class_id,
-                    "class_name": self.class_names.get(r.class_id, ""),
-                    "protocol": r.protocol,
-                    "grid": grid,
-                    "dice": r.dice,
-                    "iou": r.iou,
-                    "hd95": r.hd95,
-                    "hd95_unit": r.hd95_unit,
-                    "hd95_method": r.hd95_method,
-                    "status": r.status,
-                }
-            )
+        self._entries.extend((0, self._n_cases, case, name, grid, r) for r in recs)
+
+    @property
+    def records(self) -> dict[str, list[MetricRecord]]:
+        """Every scored record by protocol name (``<protocol>`` and, with ``grid_key``, ``<protocol>_grid``)."""
+        out: dict[str, list[MetricRecord]] = {}
+        for *_, name, _, r in self._entries:
+            out.setdefault(name, []).append(r)
+        return out
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics_per_case.csv``: one per case, class and protocol name, in scoring order."""
+        return [
+            {
+                "case": case,
+                "class_id": r.class_id,
+                "class_name": self.class_names.get(r.class_id, ""),
+                "protocol": r.protocol,
+                "grid": grid,
+                "dice": r.dice,
+                "iou": r.iou,
+                "hd95": r.hd95,
+                "hd95_unit": r.hd95_unit,
+                "hd95_method": r.hd95_method,
+                "status": r.status,
+            }
+            for _, _, case, _, grid, r in self._entries
+        ]
 
     def iteration_completed(self, engine: Any) -> None:
         output, batch = engine.state.output, engine.state.batch
@@ -253,17 +273,42 @@ class SegmentationReport:
             return
         world = torch.distributed.get_world_size()
         gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, (self.rows, self.records, self.grids))
-        self.rows = [r for rows, _, _ in gathered for r in rows]
-        merged: dict[str, list[MetricRecord]] = {}
-        for _, recs, grids in gathered:
-            for k, v in recs.items():
-                merged.setdefault(k, []).extend(v)
+        torch.distributed.all_gather_object(gathered, (self._entries, self.grids))
+        # rank order, as MONAI all-gathers the metric handlers' buffers
+        self._entries = [(rank, *e[1:]) for rank, (entries, _) in enumerate(gathered) for e in entries]
+        for _, grids in gathered:
             self.grids.update(grids)
-        self.records = merged
+
+    def _fill_hd95(self, engine: Any) -> None:
+        """Put the metric handlers' per-case HD95 into the original grid's records (``hd95_from_metric_details``)."""
+        details = getattr(getattr(engine, "state", None), "metric_details", None) or {}
+        for protocol in self.protocols:
+            key = f"{protocol}_hd95"
+            if key not in details:
+                raise ValueError(
+                    f"SegmentationReport(hd95_from_metric_details=True) needs the evaluator's metric handler {key!r} "
+                    "with save_details (hybridseg.handlers.protocol_metric_handlers in additional_metrics)"
+                )
+            table = np.asarray(torch.as_tensor(details[key]).detach().cpu(), dtype=np.float64)
+            cases: dict[tuple[int, int], int] = {}
+            for i, (rank, ordinal, case, name, grid, r) in enumerate(self._entries):
+                if name != protocol:
+                    continue
+                row = cases.setdefault((rank, ordinal), len(cases))
+                if row >= table.shape[0] or not 1 <= r.class_id <= table.shape[1]:
+                    raise RuntimeError(
+                        f"{key}: the metric handler holds {tuple(table.shape)} (cases, classes) values but the report "
+                        f"scored case {case!r} (number {row + 1}), class {r.class_id}: they did not see the same cases"
+                    )
+                value = float(table[row, r.class_id - 1])
+                self._entries[i] = (rank, ordinal, case, name, grid, dataclasses.replace(r, hd95=value))
+            if len(cases) != table.shape[0]:
+                raise RuntimeError(f"{key}: the metric handler saw {table.shape[0]} cases, the report {len(cases)}")
 
     def epoch_completed(self, engine: Any = None) -> None:
         self._gather()
+        if self.hd95_from_metric_details:
+            self._fill_hd95(engine)
         rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
             torch.distributed.get_rank() == 0
         )
