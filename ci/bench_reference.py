@@ -7,6 +7,10 @@ process builds the network from random weights, warms up, then times ``--reps`` 
 the bundle's weights, backward, SGD), fp32, 224 x 224, ``--threads`` threads, and reports medians. The
 ratio ours / reference is taken per round (the two processes of one round) and its median printed.
 
+``--ours-amp`` runs our side as the bundles do by default (``amp`` true: bf16 autocast where the CPU has
+native bf16, AVX512-BF16 or AMX; the loss in fp32); the reference stays fp32 eager, as its authors run it on
+a CPU. Without native bf16 the flag changes nothing (the bundles then run fp32 too).
+
 The reference code cannot ship with this project: pass the path of your own checkout.
 
 - BRAU-Net++: the authors' repository (Caipengzhou/BRAU-Netplusplus), the folder holding
@@ -158,6 +162,16 @@ def build_ours(network: str):  # noqa: ANN201
     return CFFormer(variant="b", in_channels=3, num_classes=1)
 
 
+def ours_autocast(enabled: bool):  # noqa: ANN201 - a context manager
+    """The bundles' ``amp``: bf16 autocast on a CPU with native bf16, else nothing (fp32)."""
+    import contextlib
+
+    import torch
+
+    native = enabled and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if native else contextlib.nullcontext()
+
+
 def dice_ce(logits, target, classes: int, w_ce: float):  # noqa: ANN001, ANN201
     """The bundles' DiceCE written in torch alone (the reference environment has no MONAI).
 
@@ -179,7 +193,7 @@ def dice_ce(logits, target, classes: int, w_ce: float):  # noqa: ANN001, ANN201
     return w_ce * ce + (1.0 - w_ce) * dice.mean()
 
 
-def child(side: str, network: str, folder: str | None, reps: int, threads: int, seed: int) -> dict:
+def child(side: str, network: str, folder: str | None, reps: int, threads: int, seed: int, amp: bool = False) -> dict:
     """Build one side's network and time forward (b1) and training steps (b2); medians in ms."""
     import torch
 
@@ -194,16 +208,19 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
     x2 = torch.randn(2, c, SIZE, SIZE)
     y = (torch.rand(2, 1, SIZE, SIZE) > 0.5).float() if k == 1 else torch.randint(0, k, (2, SIZE, SIZE))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    autocast = functools.partial(ours_autocast, amp and side == "ours")
 
     def forward() -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x1)
 
     def train_step() -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
-        loss = dice_ce(model(x2), y, k, setup["w_ce"])
+        with autocast():
+            logits = model(x2)
+        loss = dice_ce(logits.float(), y, k, setup["w_ce"])
         loss.backward()
         opt.step()
 
@@ -222,6 +239,7 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
     return {
         "side": side,
         "network": network,
+        "amp": bool(amp and side == "ours" and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "params": params,
@@ -234,7 +252,7 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
     }
 
 
-def same_process(network: str, folder: str, reps: int, threads: int) -> dict:
+def same_process(network: str, folder: str, reps: int, threads: int, amp: bool = False) -> dict:
     """Both networks in one process (the reference's environment), their calls taking turns.
 
     Under heavy load this pairs the two far more tightly than separate processes (each call of ours has
@@ -256,12 +274,14 @@ def same_process(network: str, folder: str, reps: int, threads: int) -> dict:
         model = models[side]
         if what == "forward_b1":
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), ours_autocast(amp and side == "ours"):
                 model(x1)
             return
         model.train()
         opts[side].zero_grad(set_to_none=True)
-        dice_ce(model(x2), y, k, setup["w_ce"]).backward()
+        with ours_autocast(amp and side == "ours"):
+            logits = model(x2)
+        dice_ce(logits.float(), y, k, setup["w_ce"]).backward()
         opts[side].step()
 
     result: dict[str, dict] = {}
@@ -297,6 +317,7 @@ def run_child(python: str, side: str, network: str, folder: Path | None, args: a
     """One fresh process of ``side``; its JSON result (raises with its stderr on failure)."""
     cmd = [python, str(Path(__file__).resolve()), "--child", side, "--network", network]
     cmd += ["--reps", str(args.reps), "--threads", str(args.threads), "--seed", str(seed)]
+    cmd += ["--ours-amp"] if args.ours_amp else []
     if folder is not None:
         cmd += ["--folder", str(folder)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -304,6 +325,21 @@ def run_child(python: str, side: str, network: str, folder: Path | None, args: a
     if proc.returncode != 0:
         raise RuntimeError(f"{side} {network} process failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_capability() -> dict:
+    """What ATen and oneDNN dispatch to here (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA can lower them)."""
+    import torch
+
+    return {
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        **{
+            k: os.environ[k]
+            for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ
+        },
+    }
 
 
 def load_average() -> list[float] | None:
@@ -362,16 +398,23 @@ def main(argv: list[str] | None = None) -> int:
         help="run both networks in one process of --reference-python, calls taking turns (tighter pairs on a "
         "loaded machine; ours is imported from this checkout's bundles/common)",
     )
+    p.add_argument(
+        "--ours-amp",
+        action="store_true",
+        help="our side with the bundles' default amp (bf16 autocast on a CPU with native bf16; fp32 elsewhere)",
+    )
     p.add_argument("--child", choices=("ours", "reference", "both"), help=argparse.SUPPRESS)
     p.add_argument("--network", choices=NETWORKS, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "both":
-        print(json.dumps(same_process(args.network, args.folder, args.reps, args.threads)))
+        print(json.dumps(same_process(args.network, args.folder, args.reps, args.threads, args.ours_amp)))
         return 0
     if args.child:
-        print(json.dumps(child(args.child, args.network, args.folder, args.reps, args.threads, args.seed)))
+        print(
+            json.dumps(child(args.child, args.network, args.folder, args.reps, args.threads, args.seed, args.ours_amp))
+        )
         return 0
 
     targets = []
@@ -385,9 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no reference checkout to compare against: pass --braunetpp and/or --cfformer (see --help)")
         return 2
     mode = "one process, calls taking turns" if args.same_process else f"{args.rounds} process pairs"
-    print(f"threads {args.threads}, fp32, {SIZE}x{SIZE}, {mode}, {args.reps} reps; "
+    precision = "ours with the bundles' amp (bf16 where native), reference fp32" if args.ours_amp else "fp32"
+    print(f"threads {args.threads}, {precision}, {SIZE}x{SIZE}, {mode}, {args.reps} reps; "
           f"reference python {args.reference_python}; load average {load_average()}", flush=True)  # fmt: skip
-    results = {"load_average_before": load_average(), "threads": args.threads, "networks": []}
+    results = {"load_average_before": load_average(), "threads": args.threads, "ours_amp": args.ours_amp}
+    results["cpu_capability"] = cpu_capability()
+    results["networks"] = []
     for network, folder in targets:
         results["networks"].append(compare(network, folder, args))
     results["load_average_after"] = load_average()
