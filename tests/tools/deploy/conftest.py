@@ -43,10 +43,10 @@ def _raise_stack() -> None:
     resource.setrlimit(resource.RLIMIT_STACK, (max(soft, want) if soft != resource.RLIM_INFINITY else soft, hard))
 
 
-def run_app(module: str, input_path: Path, model: Path, output: Path, timeout: int = 300):
-    """Run ``python -m <module> -i input -m model -o output`` in the deploy environment; returns the result
-    (fails the test with the app's output when it exits non-zero)."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def run_app(module: str, input_path: Path, model: Path, output: Path, timeout: int = 300, env: dict | None = None):
+    """Run ``python -m <module> -i input -m model -o output`` in the deploy environment (``env``: extra
+    environment variables); returns the result (fails the test with the app's output when it exits non-zero)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
         [str(deploy_python()), "-m", module, "-i", str(input_path), "-m", str(model), "-o", str(output)],

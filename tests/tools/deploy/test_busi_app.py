@@ -30,13 +30,16 @@ def run(tmp_path_factory):
     series_uid = write_us_image(work / "dicom" / "case1.dcm", gray)
     exported = export_tiny_bundle("cfformer_busi", work / "bundle", TINY)
     outs = {}
-    for kind in ("png", "dicom"):
+    for kind in ("png", "dicom", "onnxruntime"):
         outs[kind] = work / f"app_{kind}"
         outs[kind].mkdir()
-        run_app("hybridseg.tools.deploy.busi_app", work / kind, exported["ts"], outs[kind])
+        backend = {"HYBRIDSEG_BACKEND": kind} if kind == "onnxruntime" else {}
+        folder = work / ("png" if kind == "onnxruntime" else kind)
+        run_app("hybridseg.tools.deploy.busi_app", folder, exported["ts"], outs[kind], env=backend)
     infer("cfformer_busi", work / "png", work / "bundle_out", exported["ckpt"], **TINY)
     bundle_mask = np.asarray(Image.open(work / "bundle_out" / "case1_mask.png"))
-    return {"gray": gray, "series": series_uid, "app": outs, "bundle_mask": bundle_mask}
+    onnx = sorted(p.name for p in exported["ts"].parent.glob("*.onnx"))
+    return {"gray": gray, "series": series_uid, "app": outs, "bundle_mask": bundle_mask, "onnx": onnx}
 
 
 def test_png_input_gives_a_mask_png_at_input_size_equal_to_the_bundle_inference(run):
@@ -45,6 +48,15 @@ def test_png_input_gives_a_mask_png_at_input_size_equal_to_the_bundle_inference(
     assert set(np.unique(mask)) <= {0, 255}
     assert 0 < (run["bundle_mask"] > 0).mean() < 1, "degenerate check: the bundle's mask is uniform"
     np.testing.assert_array_equal(mask, run["bundle_mask"])
+
+
+def test_onnxruntime_backend_runs_a_scripted_export_and_agrees_with_the_bundle_inference(run):
+    """HYBRIDSEG_BACKEND=onnxruntime on the default (scripted) export: the app rebuilds the network from the
+    embedded config with the file's weights, exports it once (cached beside the model) and gives the bundle's
+    fp32 torch mask (ONNX Runtime's fp32 kernels may flip a boundary pixel: at most 0.5 % may differ)."""
+    mask = np.asarray(Image.open(run["app"]["onnxruntime"] / "case1_mask.png"))
+    assert mask.shape == run["gray"].shape and len(run["onnx"]) == 1, run["onnx"]
+    assert (mask == run["bundle_mask"]).mean() >= 0.995
 
 
 def test_dicom_input_gives_the_same_mask_png_and_a_dicom_seg_of_it(run):

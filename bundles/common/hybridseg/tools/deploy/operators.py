@@ -47,7 +47,9 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
     ``backend`` (default: the environment variable ``HYBRIDSEG_BACKEND``, else ``torch``) runs the TorchScript
     network as is, or exported to ONNX Runtime (``onnxruntime``, ``onnxruntime_int8``: see
     ``hybridseg.backends``), the graph cached next to the model file; int8 is then calibrated on the first
-    input, as the app has no other images.
+    input, as the app has no other images. The ONNX graph is exported from the network rebuilt from the embedded
+    config's ``network_def`` with the TorchScript file's weights, so scripted exports (the default) and traced
+    ones both work.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims = spatial_dims
         self.backend = check_backend(backend or os.environ.get("HYBRIDSEG_BACKEND", "torch"))
+        self._eager_network: torch.nn.Module | None = None
         super().__init__(fragment, *args, **kwargs)
 
     def _init_config(self, config_names):
@@ -73,9 +76,28 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
     def predict(self, data: Any, *args: Any, **kwargs: Any) -> Any:
         if self.backend == "torch":
             return super().predict(data, *args, **kwargs)
-        # the SDK's TorchScriptModel holds the loaded module as ``predictor``: ONNX export needs the module
-        network = getattr(self._model_network, "predictor", self._model_network)
-        return self._inferer(data, network, *args, **kwargs)
+        return self._inferer(data, self._exportable_network(), *args, **kwargs)
+
+    def _exportable_network(self) -> torch.nn.Module:
+        """The network for ONNX export: ``network_def`` of the embedded config, given the TorchScript's weights.
+
+        torch's ONNX exporter cannot convert the Python control flow a scripted module keeps; the eager module
+        it was scripted from exports as the bundles' own ``backend`` exports it.
+        """
+        if self._eager_network is None:
+            # the SDK's TorchScriptModel holds the loaded module as ``predictor``
+            scripted = getattr(self._model_network, "predictor", self._model_network)
+            try:
+                network = self._parser.get_parsed_content("network_def", instantiate=True)
+                network.load_state_dict(scripted.state_dict(), strict=True)
+            except Exception as e:  # noqa: BLE001 - any failure here means the file cannot run on ONNX Runtime
+                raise RuntimeError(
+                    f"{self.bundle_path}: cannot rebuild the network from its embedded inference config for "
+                    f"{self.backend} ({type(e).__name__}: {e}); run with HYBRIDSEG_BACKEND=torch"
+                ) from e
+            device = next(scripted.parameters(), torch.empty(0)).device
+            self._eager_network = network.to(device).eval()
+        return self._eager_network
 
     def _get_compose(self, obj_name, disallowed_prefixes):
         # Filter pre- and postprocessing together, before either is built: editing the config later makes
