@@ -89,7 +89,11 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
             scripted = getattr(self._model_network, "predictor", self._model_network)
             try:
                 network = self._parser.get_parsed_content("network_def", instantiate=True)
-                network.load_state_dict(scripted.state_dict(), strict=True)
+                # TorchScript's state_dict also holds the non-persistent buffers (fixed tables the network
+                # rebuilds itself); every persistent tensor must come from the file
+                expected = network.state_dict().keys()
+                weights = {k: v for k, v in scripted.state_dict().items() if k in expected}
+                network.load_state_dict(weights, strict=True)
             except Exception as e:  # noqa: BLE001 - any failure here means the file cannot run on ONNX Runtime
                 raise RuntimeError(
                     f"{self.bundle_path}: cannot rebuild the network from its embedded inference config for "
