@@ -163,7 +163,11 @@ def build_ours(network: str):  # noqa: ANN201
 
 
 def ours_autocast(enabled: bool):  # noqa: ANN201 - a context manager
-    """The bundles' ``amp``: bf16 autocast on a CPU with native bf16, else nothing (fp32)."""
+    """The bundles' ``amp``: bf16 autocast on a CPU with native bf16, else nothing (fp32).
+
+    Not ``hybridseg.inferers.autocast_dtype``: ``--same-process`` runs ours in the reference's environment, which
+    has no MONAI for that module to import.
+    """
     import contextlib
 
     import torch
