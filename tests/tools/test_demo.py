@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from hybridseg.tools.demo import DEMO_SETTINGS, TrainingProgress, contact_sheet, draw_curves, write_settings
@@ -76,3 +77,11 @@ def test_demo_settings_are_written_as_config_files_with_the_network_part_apart(t
     t, n = json.loads(train.read_text()), json.loads(network.read_text())
     assert t["max_epochs"] == 2 and t["n_win"] == 7 and t["optimizer"]["_target_"] == "torch.optim.AdamW"
     assert n == {**DEMO_SETTINGS["braunetpp_synapse"]["network"], "n_win": 7}
+
+
+def test_demo_settings_refuse_keys_the_bundle_does_not_define(tmp_path):
+    # a stale key (the demo once set slices_per_volume after the sampler dropped it) changes nothing silently
+    with pytest.raises(ValueError, match=r"\['slices_per_volume'\] are not keys of braunetpp_synapse"):
+        write_settings("braunetpp_synapse", tmp_path, {"slices_per_volume": 4})
+    for bundle in DEMO_SETTINGS:  # the demo's own settings all take effect
+        write_settings(bundle, tmp_path)
