@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridseg.networks.bra import BiLevelRoutingAttention
+from hybridseg.networks.bra import BiLevelRoutingAttention, TopkRouting
 from hybridseg.networks.braunetpp import official_to_ours_key
 from tests.reference import load_fixture, max_abs_diff
 
@@ -157,6 +157,17 @@ def test_routing_has_no_gradient_and_checkpointed_chunks_keep_gradients():
     bra(x).square().sum().backward()
     for g, p in zip(grads, list(bra.parameters()) + [x], strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_ranks_regions_tied_in_float32_by_their_float64_logits():
+    # Logits 1 (region 0) and 1 + 2**-25 (region 1) round to the same float32 number; eager and scripted
+    # modules (which cannot switch autocast off) both rank in float64, so they agree on such near ties.
+    q = torch.tensor([[[1.0, 1.0]]])
+    k = torch.tensor([[[1.0, 0.0], [1.0, 2.0**-25]]])
+    assert ((q @ k.transpose(-2, -1))[0, 0, 0] == (q @ k.transpose(-2, -1))[0, 0, 1]).item()  # tied in float32
+    router = TopkRouting(topk=1, scale=1.0)
+    assert router(q, k).item() == 1
+    assert torch.jit.script(router)(q, k).item() == 1
 
 
 def test_bra_rejects_impossible_configurations():

@@ -57,7 +57,7 @@ def test_scripted_braunetpp_decides_routing_padding_per_input(tmp_path):
 
 
 def test_scripted_routing_ignores_autocast_like_eager_routing():
-    """Eager routing switches autocast off; a scripted graph cannot, and routes in float64 instead."""
+    """Routing runs in float64, which autocast never casts, in eager and in a scripted graph alike."""
     torch.manual_seed(0)
     router = TopkRouting(topk=8, scale=64**-0.5)
     scripted = torch.jit.script(router)

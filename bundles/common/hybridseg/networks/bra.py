@@ -15,7 +15,7 @@ What differs from the reference is how it is computed, not what:
 
 * No attention matrix: :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels).
 * Region means of q and k are computed as the projection of the region mean of x (q and k are
-  affine in x, so this is the same quantity up to float rounding), in float32.
+  affine in x, so this is the same quantity up to float rounding).
 * No top-k copy of all keys/values at once: at inference, query regions are processed in chunks
   whose gathered keys/values fit ``kv_chunk_bytes`` (16 MiB by default; at a 512x512 input this
   keeps one level-0 layer at ~62 MiB for any topk, against 0.24-0.89 GiB for the plain gather,
@@ -26,10 +26,10 @@ What differs from the reference is how it is computed, not what:
   of the region means, are masked as keys, are never routed to when a region holds no real pixel,
   and their outputs are cropped; LCE runs on the unpadded v. A map that needs no padding takes the
   unmasked path, so the 224 / n_win 7 and 256 / n_win 8 networks compute exactly the reference.
-* Routing (region means and logits) runs in float32 with autocast switched off, so mixed-precision
-  runs route like float32 ones. A TorchScript graph cannot switch autocast off, so scripted modules
-  route in float64, the one float type autocast never casts (the same regions except for logits tied
-  within float32 rounding).
+* Routing (region means and logits) runs in float64, the one float type autocast never casts: eager,
+  TorchScript and mixed-precision runs all pick the same regions (a graph cannot switch autocast off,
+  and float32 routing in eager against float64 in script flipped near-tied regions). The tensors are
+  (N*S*S, C) region means, so this costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def regions_to_image(x: torch.Tensor, n: int, n_win: int, h: int, w: int) -> tor
 class TopkRouting(nn.Module):
     """Region-to-region routing: (N, R, dk) region queries/keys -> (N, R, topk) int64 region indices.
 
-    Parameter-free. Logits are ``(q_r * scale) @ k_r^T`` in float32 (also under autocast, so that
-    low-precision runs pick the same regions as float32 ones); indices in descending-logit order.
+    Parameter-free. Logits are ``(q_r * scale) @ k_r^T`` in float64 (autocast never casts it, so
+    low-precision and scripted runs pick the same regions as float32 ones); indices in descending-logit order.
     ``key_valid`` (R,) bool marks key regions that contain at least one real (unpadded) pixel.
     """
 
@@ -73,19 +73,11 @@ class TopkRouting(nn.Module):
         self, q_region: torch.Tensor, k_region: torch.Tensor, key_valid: torch.Tensor | None = None
     ) -> torch.Tensor:
         with torch.no_grad():
-            if torch.jit.is_scripting():
-                return self._route(q_region, k_region, key_valid, torch.float64)  # autocast-proof (module docstring)
-            with torch.autocast(q_region.device.type, enabled=False):
-                return self._route(q_region, k_region, key_valid, torch.float32)
-
-    def _route(
-        self, q_region: torch.Tensor, k_region: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Top-k key regions by the logits computed in ``dtype``."""
-        logits = (q_region.to(dtype) * self.scale) @ k_region.to(dtype).transpose(-2, -1)
-        if key_valid is not None:
-            logits = logits.masked_fill(~key_valid, float("-inf"))
-        return torch.topk(logits, k=self.topk, dim=-1).indices
+            # float64: autocast leaves it alone, in eager and in a scripted graph alike (module docstring).
+            logits = (q_region.double() * self.scale) @ k_region.double().transpose(-2, -1)
+            if key_valid is not None:
+                logits = logits.masked_fill(~key_valid, float("-inf"))
+            return torch.topk(logits, k=self.topk, dim=-1).indices
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -140,7 +132,8 @@ class BiLevelRoutingAttention(nn.Module):
             grid = torch.zeros(hr * s, wr * s, 1, dtype=torch.bool, device=x.device)
             grid[:height, :width] = True
             valid = partition_regions(grid.unsqueeze(0), s).squeeze(-1)
-        q_region, k_region, key_valid = self._region_descriptors(xr, n, valid)
+        with torch.no_grad():  # routing is not differentiated (module docstring, step 3)
+            q_region, k_region, key_valid = self._region_descriptors(xr, n, valid)
         r_idx = self.router(q_region, k_region, key_valid)
 
         out = regions_to_image(self._attend(q, kv, r_idx, valid), n, s, hr, wr)  # (N, S, hr, S, wr, C) view
@@ -159,24 +152,15 @@ class BiLevelRoutingAttention(nn.Module):
     def _region_descriptors(
         self, xr: torch.Tensor, n: int, valid: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Region means of q and k, (N, S*S, dk) float32 each, and the key-region validity (1, 1, S*S).
+        """Region means of q and k, (N, S*S, dk) float64 each, and the key-region validity (1, 1, S*S).
 
         q and k are affine in x, so the mean of the projections is the projection of the mean of x:
-        one small float32 Linear on (N*S*S, C) region means instead of reductions over q and k.
+        one small float64 Linear on (N*S*S, C) region means instead of reductions over q and k.
         Padded pixels of x are zero, so dividing the region sum by the number of real pixels leaves
-        them out of the mean.
+        them out of the mean. Pixel sums in float32, the rest in float64 (module docstring).
         """
-        with torch.no_grad():
-            if torch.jit.is_scripting():
-                return self._region_means(xr, n, valid, torch.float64)  # autocast-proof (module docstring)
-            with torch.autocast(xr.device.type, enabled=False):
-                return self._region_means(xr, n, valid, torch.float32)
-
-    def _region_means(
-        self, xr: torch.Tensor, n: int, valid: torch.Tensor | None, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``_region_descriptors`` computed in ``dtype`` (pixel sums in float32)."""
         r = self.n_win * self.n_win
+        dtype = torch.float64
         x_sum = xr.sum(1, dtype=torch.float32).to(dtype)  # (N*S*S, C)
         key_valid: torch.Tensor | None = None
         if valid is None:
