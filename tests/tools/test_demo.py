@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hybridseg.tools.demo import DEMO_SETTINGS, TrainingProgress, contact_sheet, draw_curves, write_settings
+from hybridseg.tools.demo import _COLOURS, DEMO_SETTINGS, TrainingProgress, contact_sheet, draw_curves, write_settings
 
 # what MONAI's StatsHandler logs for the trainer (per iteration) and the evaluator (per validation)
 ITER = "2026-12-02 07:00:00,000 - INFO - Epoch: {e}/3, Iter: {i}/10 -- train_loss: {loss:.4f} "
@@ -70,6 +70,17 @@ def test_curves_and_contact_sheet_are_drawn_as_pngs(tmp_path):
     row = np.asarray(sheet.convert("L"))[28 + 50, :100]
     assert (row == 90).sum() >= 95
     assert contact_sheet(tmp_path / "nothing", tmp_path / "m.csv", tmp_path / "x.png") is None
+
+
+def test_dice_curve_is_drawn_on_a_zero_to_one_scale_over_the_whole_run(tmp_path):
+    progress = TrainingProgress("synapse")
+    progress.max_epochs, progress.loss = 6, [(1, 1.5), (240, 0.2)]
+    progress.metrics = {"val_mean_dice": [(3, 0.5), (6, 0.874)]}
+    img = np.asarray(Image.open(draw_curves(progress, tmp_path / "curves.png")).convert("RGB")).astype(int)
+    # Dice panel box (490, 40)-(840, 290): epoch e, Dice d sit at x = 490 + 350 e / 6, y = 290 - 250 d.
+    dot = img[165 - 1 : 165 + 2, 665 - 1 : 665 + 2].reshape(-1, 3)  # epoch 3, Dice 0.5
+    assert (np.abs(dot - _COLOURS[0]).sum(1) < 30).all()
+    assert (np.abs(img[288, 491:839] - _COLOURS[0]).sum(1) > 100).all()  # nothing drawn at Dice 0
 
 
 def test_demo_settings_are_written_as_config_files_with_the_network_part_apart(tmp_path):

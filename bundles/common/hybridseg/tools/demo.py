@@ -44,7 +44,7 @@ DEMO_SETTINGS: dict[str, dict[str, dict]] = {
             "batch_size": 8,
             "epoch_length": 40,
             "max_epochs": 6,
-            "val_interval": 6,
+            "val_interval": 2,
             "num_workers": 0,
             "optimizer": {
                 "_target_": "torch.optim.AdamW",
@@ -323,8 +323,20 @@ def contact_sheet(folder: Path, csv_file: Path, dest: Path, tile: int = 200, col
 _COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
 
 
-def _panel(draw, box: tuple[int, int, int, int], title: str, lines: dict[str, list[tuple[int, float]]], xlabel: str):
-    """A line chart of ``lines`` (name -> [(x, y)]) in ``box``, with a value grid and a legend."""
+def _panel(
+    draw,
+    box: tuple[int, int, int, int],
+    title: str,
+    lines: dict[str, list[tuple[int, float]]],
+    xlabel: str,
+    y_range: tuple[float, float] | None = None,
+    x_range: tuple[int, int] | None = None,
+):
+    """A line chart of ``lines`` (name -> [(x, y)]) in ``box``, with a value grid and a legend.
+
+    The axes span the data unless ``y_range`` / ``x_range`` fix them (Dice on 0..1 over the whole run, so
+    a single validation still reads as a point on a scale).
+    """
     x0, y0, x1, y1 = box
     font = _font(13)
     draw.text((x0, y0 - 22), title, fill="black", font=_font(15))
@@ -334,9 +346,10 @@ def _panel(draw, box: tuple[int, int, int, int], title: str, lines: dict[str, li
         draw.text((x0 + 10, y0 + 10), "no values logged", fill="gray", font=font)
         return
     xs, ys = [p[0] for p in points], [p[1] for p in points if math.isfinite(p[1])]
-    lo, hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    lo, hi = y_range or ((min(ys), max(ys)) if ys else (0.0, 1.0))
     lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
-    xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    xmin, xmax = x_range or (min(xs), max(xs))
+    xmax = xmax if xmax > xmin else xmin + 1
 
     def px(x: float, y: float) -> tuple[float, float]:
         return x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - lo) / (hi - lo) * (y1 - y0)
@@ -364,14 +377,16 @@ def draw_curves(progress: TrainingProgress, dest: Path) -> Path:
     """Training loss per step and the logged metrics (Dice) per epoch, side by side, as one PNG."""
     from PIL import Image, ImageDraw
 
-    panels = [("training loss", {"train_loss": progress.loss}, "step")]
+    panels: list[tuple[str, dict, str, dict]] = [("training loss", {"train_loss": progress.loss}, "step", {})]
     if progress.metrics:
-        panels.append(("Dice", progress.metrics, "epoch"))
+        last = max(x for series in progress.metrics.values() for x, _ in series)
+        ranges = {"y_range": (0.0, 1.0), "x_range": (0, max(progress.max_epochs, last))}
+        panels.append(("Dice", progress.metrics, "epoch", ranges))
     w, h = 420, 300
     img = Image.new("RGB", (len(panels) * w + 40, h + 40), "white")
     draw = ImageDraw.Draw(img)
-    for i, (title, series, xlabel) in enumerate(panels):
-        _panel(draw, (i * w + 70, 40, i * w + w, h - 10), f"{progress.name}: {title}", series, xlabel)
+    for i, (title, series, xlabel, ranges) in enumerate(panels):
+        _panel(draw, (i * w + 70, 40, i * w + w, h - 10), f"{progress.name}: {title}", series, xlabel, **ranges)
     _save(img, dest)
     return dest
 
