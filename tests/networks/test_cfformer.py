@@ -20,6 +20,7 @@ from hybridseg.networks.cfformer import (
     cfformer_l,
     cfformer_s,
     convert_reference_state_dict,
+    default_channels_last,
     load_imagenet_weights,
 )
 from hybridseg.networks.swin_v2 import SwinV2Features, relative_coords_table, relative_position_index
@@ -39,9 +40,9 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, tol: float | 
     assert diff <= tol, f"{what}: max|d| = {diff:.3g} > {tol:.3g}"
 
 
-def filled_model(fx: dict, ref_sd: dict[str, torch.Tensor]) -> CFFormer:
+def filled_model(fx: dict, ref_sd: dict[str, torch.Tensor], **kwargs) -> CFFormer:
     """A CFFormer of the fixture's variant holding the crc32-v1 fill, loaded only through the converter."""
-    model = CFFormer(fx["config"]["version"])
+    model = CFFormer(fx["config"]["version"], **kwargs)
     model.load_state_dict(convert_reference_state_dict(ref_sd), strict=True)
     return model.eval()
 
@@ -199,15 +200,48 @@ def test_cfformer_s_matches_swin_v2_t_reference_logits(fx_t, model_s):
     assert_close(out, fx_t["output"], "logits", tol=LOGIT_TOL)
 
 
-def test_channels_last_input_and_contiguous_weights_reproduce_the_reference_logits(fx_t, model_s):
+def test_channels_last_input_and_converted_weights_reproduce_the_reference_logits(fx_t, model_s):
     x = fx_t["input"].contiguous(memory_format=torch.channels_last)
+    own = torch.channels_last if model_s.channels_last else torch.contiguous_format
+    other = torch.contiguous_format if model_s.channels_last else torch.channels_last
     try:
-        model_s.to(memory_format=torch.contiguous_format)  # a user may convert the weights back
+        model_s.to(memory_format=other)  # a user may convert the weights
         with torch.no_grad():
             out = model_s(x)
     finally:
-        model_s.to(memory_format=torch.channels_last)
+        model_s.to(memory_format=own)
     assert_close(out, fx_t["output"], "channels_last input", tol=LOGIT_TOL)
+
+
+@pytest.mark.slow  # two CFFormer-s, each run in float32 and trained one step in float64: ~10 s
+def test_either_convolution_layout_reproduces_the_reference_logits_and_trains_alike(fx_t, ref_sd_t):
+    models = [filled_model(fx_t, ref_sd_t, channels_last=layout) for layout in (True, False)]
+    grads = []
+    for model in models:
+        weight = model.encoder.cnn.conv1.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == model.channels_last
+        assert weight.is_contiguous() != model.channels_last
+        with torch.no_grad():
+            out = model(fx_t["input"])
+        assert out.is_contiguous()
+        assert_close(out, fx_t["output"], f"logits, channels_last={model.channels_last}", tol=LOGIT_TOL)
+        # Training gradients in float64, where float32 rounding (1e-5 of 6e-3 here, either layout against
+        # float64) cannot hide a difference in what is computed.
+        model.double().train()
+        torch.manual_seed(0)  # the same stochastic depth draws in both
+        model(fx_t["input"].double()).square().mean().backward()
+        grads.append(model.encoder.cnn.conv1.weight.grad)
+    assert max_abs_diff(grads[0], grads[1]) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "capability, cuda, channels_last",
+    [("AVX2", False, False), ("AVX2", True, True), ("AVX512", False, True), ("DEFAULT", False, True)],
+)
+def test_default_layout_is_nchw_only_on_an_avx2_cpu_without_gpu(monkeypatch, capability, cuda, channels_last):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert default_channels_last() is channels_last
 
 
 def test_bf16_autocast_output_is_close_to_fp32(fx_t, model_s):

@@ -39,6 +39,21 @@ from hybridseg.weights import LoadReport, load_weights_file
 
 log = logging.getLogger(__name__)
 
+# CPU capabilities on which the network runs its convolutions NCHW rather than channels_last (see
+# :func:`default_channels_last`).
+NCHW_CPU_CAPABILITIES = ("AVX2",)
+
+
+def default_channels_last() -> bool:
+    """The convolution layout for a network built here: channels_last, except NCHW on an AVX2-class CPU without GPU.
+
+    Measured on the CFFormer-B training step at 224 (docs/performance.md): with oneDNN's AVX2 kernels NCHW trains
+    about 12 % faster (channels_last is 5 % faster forward); with AVX-512 the two train alike and channels_last
+    infers faster.
+    """
+    return torch.cuda.is_available() or torch.backends.cpu.get_cpu_capability() not in NCHW_CPU_CAPABILITIES
+
+
 VARIANTS: dict[str, str] = {"s": "swin_v2_t", "b": "swin_v2_s", "l": "swin_v2_b"}
 CNN_CHANNELS = (64, 128, 256, 512)
 STEM_CHANNELS = 64
@@ -199,6 +214,7 @@ class CFFormerEncoder(nn.Module):
     Skips: (64, H/2) from the ResNet stem, then (Ct_k, H/2^(k+1)) from XFF_k for k = 1..4.
     Ablations: ``cfca=False`` puts :class:`NoChannelExchange` in CFCA's place, ``xff=False``
     :class:`PlainFusion` in XFF's (the modules keep their names, so the forward is the same).
+    ``channels_last=False``: the Swin stage outputs are copied to NCHW for the CNN side (see ``CFFormer``).
     """
 
     __jit_unused_properties__ = ["skip_channels"]  # construction-time information, not part of a scripted forward
@@ -210,8 +226,10 @@ class CFFormerEncoder(nn.Module):
         stochastic_depth_prob: float | None = None,
         cfca: bool = True,
         xff: bool = True,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.cnn = ResNet34Features(in_channels)
         self.transformer = SwinV2Features(swin_name, in_channels, stochastic_depth_prob)
         for k, (ct, cc) in enumerate(zip(self.transformer.channels, CNN_CHANNELS, strict=True), start=1):
@@ -228,24 +246,29 @@ class CFFormerEncoder(nn.Module):
         """(B, C_in, H, W) -> [skip0, skip1, skip2, skip3, skip4]."""
         skips = [self.cnn.stem(x)]
         # The four stages written out: TorchScript indexes submodules by literal positions only. The Swin
-        # branch starts from the raw image (patch embedding); its NHWC stage outputs are viewed as NCHW.
+        # branch starts from the raw image (patch embedding); its NHWC stage outputs go to the CNN's layout.
         c = self.cnn.layer1(self.cnn.maxpool(skips[0]))
-        t = self.transformer.features[1](self.transformer.features[0](x)).permute(0, 3, 1, 2)
+        t = self._to_cnn_layout(self.transformer.features[1](self.transformer.features[0](x)))
         c, t = _exchange(c, t, self.cfca1(t, c))
         skips.append(self.xff1(t, c))
         c = self.cnn.layer2(c)
-        t = self.transformer.features[3](self.transformer.features[2](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        t = self._to_cnn_layout(self.transformer.features[3](self.transformer.features[2](t.permute(0, 2, 3, 1))))
         c, t = _exchange(c, t, self.cfca2(t, c))
         skips.append(self.xff2(t, c))
         c = self.cnn.layer3(c)
-        t = self.transformer.features[5](self.transformer.features[4](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        t = self._to_cnn_layout(self.transformer.features[5](self.transformer.features[4](t.permute(0, 2, 3, 1))))
         c, t = _exchange(c, t, self.cfca3(t, c))
         skips.append(self.xff3(t, c))
         c = self.cnn.layer4(c)
-        t = self.transformer.features[7](self.transformer.features[6](t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        t = self._to_cnn_layout(self.transformer.features[7](self.transformer.features[6](t.permute(0, 2, 3, 1))))
         c, t = _exchange(c, t, self.cfca4(t, c))
         skips.append(self.xff4(t, c))
         return skips
+
+    def _to_cnn_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """A Swin stage output (B, H, W, C) as the CNN side's (B, C, H, W): a view, or an NCHW copy."""
+        t = t.permute(0, 3, 1, 2)
+        return t if self.channels_last else t.contiguous()
 
 
 def _exchange(
@@ -327,6 +350,9 @@ class CFFormer(nn.Module):
     Ablations (the article's Table 3): ``cfca=False`` (no channel exchange between the branches),
     ``xff=False`` (skips fused by one plain 3x3 convolution instead of XFF), ``encoder="cnn"``
     (ResNet34 + decoder) or ``encoder="transformer"`` (Swin-V2 + decoder). The defaults build CFFormer.
+
+    ``channels_last`` sets the memory layout of the convolutions' weights and activations (the same numbers up
+    to float rounding); None picks the faster one for this machine (:func:`default_channels_last`).
     """
 
     def __init__(
@@ -338,6 +364,7 @@ class CFFormer(nn.Module):
         encoder: str = "hybrid",
         cfca: bool = True,
         xff: bool = True,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -351,20 +378,23 @@ class CFFormer(nn.Module):
         self.variant, self.in_channels, self.num_classes = variant, in_channels, num_classes
         self.swin_name = VARIANTS[variant]  # the torchvision ImageNet Swin-V2 model this variant is built on
         self.size_multiple = SIZE_MULTIPLE  # an attribute: scripted code reads no module globals
+        self.channels_last = default_channels_last() if channels_last is None else channels_last
         if encoder == "cnn":
             self.encoder: nn.Module = CNNEncoder(in_channels)
         elif encoder == "transformer":
             self.encoder = TransformerEncoder(VARIANTS[variant], in_channels, stochastic_depth_prob)
         else:
-            self.encoder = CFFormerEncoder(VARIANTS[variant], in_channels, stochastic_depth_prob, cfca, xff)
+            self.encoder = CFFormerEncoder(
+                VARIANTS[variant], in_channels, stochastic_depth_prob, cfca, xff, channels_last=self.channels_last
+            )
         self.decoder = CFFormerDecoder(self.encoder.skip_channels)
         self.head = SegmentationHead(STEM_CHANNELS, num_classes)
         attention = [m for m in self.encoder.modules() if isinstance(m, CFCA)]
         for module in (self.decoder, self.head, *attention):
             reference_init_(module)
-        # Conv weights stored channels_last like the activations; otherwise oneDNN reorders every
-        # weight on every call (a quarter of the fp32 forward time).
-        self.to(memory_format=torch.channels_last)
+        # Conv weights stored in the activations' layout; otherwise oneDNN reorders every weight on every
+        # call (a quarter of the fp32 forward time).
+        self.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, num_classes, H, W) raw logits (no sigmoid/softmax)."""
@@ -373,9 +403,12 @@ class CFFormer(nn.Module):
         multiple = self.size_multiple
         if x.shape[2] % multiple or x.shape[3] % multiple:
             raise ValueError(f"CFFormer needs H and W that are multiples of {multiple}, got {shape_str(x.shape[2:])}")
-        # channels_last throughout: oneDNN convolutions run 2-5x faster in it on CPU, and it is the
-        # Swin branch's native NHWC layout, so the hand-overs between the branches are free views.
-        x = x.contiguous(memory_format=torch.channels_last)
+        # channels_last: the Swin branch's native NHWC layout, so the hand-overs between the branches are
+        # free views; oneDNN's AVX-512 convolutions run 2-5x faster in it than NCHW (default_channels_last).
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            x = x.contiguous()
         return self.head(self.decoder(self.encoder(x))).contiguous()
 
 
