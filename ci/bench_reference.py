@@ -8,8 +8,9 @@ the bundle's weights, backward, SGD), fp32, 224 x 224, ``--threads`` threads, an
 ratio ours / reference is taken per round (the two processes of one round) and its median printed.
 
 ``--ours-amp`` runs our side as the bundles do by default (``amp`` true: bf16 autocast where the CPU has
-native bf16, AVX512-BF16 or AMX; the loss in fp32); the reference stays fp32 eager, as its authors run it on
-a CPU. Without native bf16 the flag changes nothing (the bundles then run fp32 too).
+native bf16, AVX512-BF16 or AMX; the loss in fp32; inference on bf16 weight copies made once, as the bundles'
+inferers do); the reference stays fp32 eager, as its authors run it on a CPU. Without native bf16 the flag
+changes nothing (the bundles then run fp32 too).
 
 The reference code cannot ship with this project: pass the path of your own checkout.
 
@@ -162,18 +163,39 @@ def build_ours(network: str):  # noqa: ANN201
     return CFFormer(variant="b", in_channels=3, num_classes=1)
 
 
-def ours_autocast(enabled: bool):  # noqa: ANN201 - a context manager
-    """The bundles' ``amp``: bf16 autocast on a CPU with native bf16, else nothing (fp32).
+def ours_amp_dtype(enabled: bool):  # noqa: ANN201 - a torch.dtype or None
+    """The bundles' ``amp``: bf16 on a CPU with native bf16, else None (fp32).
 
-    Not ``hybridseg.inferers.autocast_dtype``: ``--same-process`` runs ours in the reference's environment, which
-    has no MONAI for that module to import.
+    Not ``hybridseg.inferers.autocast_dtype``, which also answers for CUDA: this benchmark is CPU-only.
     """
+    import torch
+
+    native = enabled and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else None
+
+
+def ours_autocast(enabled: bool):  # noqa: ANN201 - a context manager
+    """bf16 autocast where :func:`ours_amp_dtype` says so, else nothing."""
     import contextlib
 
     import torch
 
-    native = enabled and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.autocast("cpu", dtype=torch.bfloat16) if native else contextlib.nullcontext()
+    dtype = ours_amp_dtype(enabled)
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def ours_inference(model, enabled: bool):  # noqa: ANN001, ANN201 - a callable like the model
+    """What the bundles' inferers call under ``amp``: the network on its bf16 weight copies made once.
+
+    ``hybridseg.inferers.CastWeights``; call in eval mode under ``torch.no_grad()``. Without native bf16, the model.
+    """
+    from hybridseg.inferers import CastWeights
+
+    dtype = ours_amp_dtype(enabled)
+    if dtype is None:
+        return lambda x: model(x)
+    cast = CastWeights()
+    return lambda x: cast(model, dtype)(x)
 
 
 def dice_ce(logits, target, classes: int, w_ce: float):  # noqa: ANN001, ANN201
@@ -213,11 +235,12 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
     y = (torch.rand(2, 1, SIZE, SIZE) > 0.5).float() if k == 1 else torch.randint(0, k, (2, SIZE, SIZE))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     autocast = functools.partial(ours_autocast, amp and side == "ours")
+    infer = ours_inference(model, amp) if side == "ours" else model
 
     def forward() -> None:
         model.eval()
         with torch.no_grad(), autocast():
-            model(x1)
+            infer(x1)
 
     def train_step() -> None:
         model.train()
@@ -264,10 +287,11 @@ def same_process(network: str, folder: str, reps: int, threads: int, amp: bool =
     """
     import torch
 
-    sys.path.insert(0, str(REPO / "bundles" / "common"))  # our networks need torch alone
+    sys.path.insert(0, str(REPO / "bundles" / "common"))  # our networks need torch and MONAI
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     models = {"ours": build_ours(network), "reference": build_reference(network, Path(folder))}
+    infer = {"ours": ours_inference(models["ours"], amp), "reference": models["reference"]}
     setup = SETUP[network]
     c, k = setup["in_channels"], setup["classes"]
     x1, x2 = torch.randn(1, c, SIZE, SIZE), torch.randn(2, c, SIZE, SIZE)
@@ -279,7 +303,7 @@ def same_process(network: str, folder: str, reps: int, threads: int, amp: bool =
         if what == "forward_b1":
             model.eval()
             with torch.no_grad(), ours_autocast(amp and side == "ours"):
-                model(x1)
+                infer[side](x1)
             return
         model.train()
         opts[side].zero_grad(set_to_none=True)
@@ -400,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "--same-process",
         action="store_true",
         help="run both networks in one process of --reference-python, calls taking turns (tighter pairs on a "
-        "loaded machine; ours is imported from this checkout's bundles/common)",
+        "loaded machine; ours is imported from this checkout's bundles/common, so that environment needs MONAI)",
     )
     p.add_argument(
         "--ours-amp",

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, NormalizeIntensityd, ScaleIntensityRanged
 
-from hybridseg.inferers import AutocastInferer, ResizedSliceInferer
+from hybridseg.inferers import AutocastInferer, CastWeights, ResizedSliceInferer
+from hybridseg.networks.braunetpp import BRAUNetPP
+from hybridseg.networks.cfformer import CFFormer
 from hybridseg.transforms import LoadVolumed
+from tests.networks.test_script import TINY_BRAUNETPP
 
 
 class _SliceNet(torch.nn.Module):
@@ -82,3 +86,44 @@ def test_native_bf16_query_agrees_with_onednn():
     import hybridseg.inferers as inf
 
     assert inf.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _plain_autocast(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return network(x).float()
+
+
+@pytest.mark.parametrize("name", ["cfformer", "braunetpp"])
+def test_inference_on_weights_cast_once_equals_autocast_casting_them_per_call(name):
+    torch.manual_seed(0)
+    if name == "cfformer":
+        network, x = CFFormer("s", in_channels=3, num_classes=2).eval(), torch.randn(1, 3, 64, 64)
+    else:
+        network, x = BRAUNetPP(**TINY_BRAUNETPP).eval(), torch.randn(2, 1, 64, 64)
+    inferer = AutocastInferer(dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = inferer(x, network)
+        assert torch.equal(got, _plain_autocast(network, x))  # bitwise: the same bf16 weights reach each op
+        copies = inferer.cast_weights._copies
+        assert copies and all(t.dtype == torch.bfloat16 for t in copies.values())
+        assert inferer(x, network) is not None and inferer.cast_weights._copies is copies  # made once
+        # The copies follow the weights: an in-place update (an optimizer step, a reload) makes new ones.
+        weight = next(p for n, p in network.named_parameters() if n in copies)
+        weight.mul_(1.5)
+        assert torch.equal(inferer(x, network), _plain_autocast(network, x))
+        assert inferer.cast_weights._copies is not copies
+    if name == "braunetpp":  # routing reads BRA's q/k/v weight in float64: it keeps its own
+        assert not any(n.endswith("attn.qkv.weight") for n in copies)
+        assert any(n.endswith("qkv.weight") for n, m in network.named_parameters() if "attn" in n)
+
+
+def test_weights_are_cast_per_call_when_training_or_recording_gradients_or_scripted():
+    network = torch.nn.Conv2d(1, 2, 3)
+    cast = CastWeights()
+    with torch.no_grad():
+        assert cast(network.train(), torch.bfloat16) is network  # training: the weights change every step
+        scripted = torch.jit.script(network.eval())
+        assert cast(scripted, torch.bfloat16) is scripted  # a graph cannot be reparametrised
+        assert cast(network, None) is network  # no autocast
+        assert cast(network, torch.bfloat16) is not network
+    assert cast(network, torch.bfloat16) is network  # autograd on: the network's own parameters must be used

@@ -53,3 +53,14 @@ def test_the_cfformer_model_folder_is_found_below_a_repository_root(bench_refere
     (tmp_path / "networks").mkdir()
     (tmp_path / "networks" / "bra_unet.py").write_text("")
     assert bench_reference.find_reference("braunetpp", str(tmp_path)) == (tmp_path, "")
+
+
+def test_ours_inference_under_amp_computes_what_autocast_alone_computes(bench_reference):
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 1, 16, 16)
+    for amp in (False, True):  # True: bf16 weight copies where the CPU has native bf16, else the model as it is
+        with torch.no_grad(), bench_reference.ours_autocast(amp):
+            assert torch.equal(bench_reference.ours_inference(net, amp)(x), net(x))

@@ -109,6 +109,8 @@ class BiLevelRoutingAttention(nn.Module):
         self.kv_chunk_bytes = kv_chunk_bytes
         self.checkpoint_chunks = checkpoint_chunks
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+        # Routing reads this weight in float64: inference must not hand it a bf16 copy (inferers.CastWeights).
+        self.qkv.weights_read_in_full_precision = True
         self.lce = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
         self.proj = nn.Linear(dim, dim)
         self.router = TopkRouting(topk, self.scale)
