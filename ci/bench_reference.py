@@ -3,9 +3,10 @@
 For each network whose reference checkout is given, runs ``--rounds`` pairs of fresh processes, ours and
 the reference taking turns (the order flips every round, so a burst of load hits both alike). Each
 process builds the network from random weights, warms up, then times ``--reps`` forward passes at batch 1
-(``eval``, ``no_grad``) and ``--reps`` training steps at batch 2 (forward, Dice + cross-entropy loss with
-the bundle's weights, backward, SGD), fp32, 224 x 224, ``--threads`` threads, and reports medians. The
-ratio ours / reference is taken per round (the two processes of one round) and its median printed.
+(``eval``, ``no_grad``, on a copy of the network that the training steps leave unchanged) and ``--reps``
+training steps at batch 2 (forward, Dice + cross-entropy loss with the bundle's weights, backward, SGD),
+fp32, 224 x 224, ``--threads`` threads, and reports medians. The ratio ours / reference is taken per round
+(the two processes of one round) and its median printed.
 
 ``--ours-amp`` runs our side as the bundles do by default (``amp`` true: bf16 autocast where the CPU has
 native bf16, AVX512-BF16 or AMX; the loss in fp32; inference on bf16 weight copies made once, as the bundles'
@@ -37,6 +38,7 @@ Exit status: 0 when at least one network was compared, 2 when no reference check
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib
 import json
@@ -235,10 +237,12 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
     y = (torch.rand(2, 1, SIZE, SIZE) > 0.5).float() if k == 1 else torch.randint(0, k, (2, SIZE, SIZE))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     autocast = functools.partial(ours_autocast, amp and side == "ours")
-    infer = ours_inference(model, amp) if side == "ours" else model
+    # Forward passes on a copy the training steps do not change: inference runs on fixed weights, and ours
+    # makes its bf16 weight copies once for them (the steps are interleaved with the training steps below).
+    frozen = copy.deepcopy(model).eval()
+    infer = ours_inference(frozen, amp) if side == "ours" else frozen
 
     def forward() -> None:
-        model.eval()
         with torch.no_grad(), autocast():
             infer(x1)
 
@@ -291,7 +295,8 @@ def same_process(network: str, folder: str, reps: int, threads: int, amp: bool =
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     models = {"ours": build_ours(network), "reference": build_reference(network, Path(folder))}
-    infer = {"ours": ours_inference(models["ours"], amp), "reference": models["reference"]}
+    frozen = {side: copy.deepcopy(m).eval() for side, m in models.items()}  # fixed weights, as in child()
+    infer = {"ours": ours_inference(frozen["ours"], amp), "reference": frozen["reference"]}
     setup = SETUP[network]
     c, k = setup["in_channels"], setup["classes"]
     x1, x2 = torch.randn(1, c, SIZE, SIZE), torch.randn(2, c, SIZE, SIZE)
@@ -301,7 +306,6 @@ def same_process(network: str, folder: str, reps: int, threads: int, amp: bool =
     def call(side: str, what: str) -> None:
         model = models[side]
         if what == "forward_b1":
-            model.eval()
             with torch.no_grad(), ours_autocast(amp and side == "ours"):
                 infer[side](x1)
             return
