@@ -166,14 +166,15 @@ def build_ours(network: str):  # noqa: ANN201
 
 
 def ours_amp_dtype(enabled: bool):  # noqa: ANN201 - a torch.dtype or None
-    """The bundles' ``amp``: bf16 on a CPU with native bf16, else None (fp32).
+    """The bundles' ``amp`` on this CPU (bf16 where native, else None: fp32); None when not ``enabled``.
 
-    Not ``hybridseg.inferers.autocast_dtype``, which also answers for CUDA: this benchmark is CPU-only.
+    Imports ``hybridseg`` only when enabled: the reference's side runs where it may not be importable.
     """
-    import torch
+    if not enabled:
+        return None
+    from hybridseg.inferers import autocast_dtype
 
-    native = enabled and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native else None
+    return autocast_dtype("cpu", True)
 
 
 def ours_autocast(enabled: bool):  # noqa: ANN201 - a context manager
@@ -195,7 +196,7 @@ def ours_inference(model, enabled: bool):  # noqa: ANN001, ANN201 - a callable l
 
     dtype = ours_amp_dtype(enabled)
     if dtype is None:
-        return lambda x: model(x)
+        return model
     cast = CastWeights()
     return lambda x: cast(model, dtype)(x)
 
