@@ -13,6 +13,11 @@ native bf16, AVX512-BF16 or AMX; the loss in fp32; inference on bf16 weight copi
 inferers do); the reference stays fp32 eager, as its authors run it on a CPU. Without native bf16 the flag
 changes nothing (the bundles then run fp32 too).
 
+``--ours-backend onnxruntime|onnxruntime_int8`` times our forward passes on the bundles' ONNX Runtime backend
+(``hybridseg.backends.OnnxRuntimeNetwork``, what ``--backend`` selects in the bundles): the network exported
+once in the warm-up (its time reported as ``export_s``, int8 calibrated on two random batches), then run by an
+ONNX Runtime session with ``--threads`` threads. Training steps stay torch (with ``--ours-amp`` if given).
+
 The reference code cannot ship with this project: pass the path of your own checkout.
 
 - BRAU-Net++: the authors' repository (Caipengzhou/BRAU-Netplusplus), the folder holding
@@ -187,11 +192,28 @@ def ours_autocast(enabled: bool):  # noqa: ANN201 - a context manager
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def ours_inference(model, enabled: bool):  # noqa: ANN001, ANN201 - a callable like the model
-    """What the bundles' inferers call under ``amp``: the network on its bf16 weight copies made once.
-
-    ``hybridseg.inferers.CastWeights``; call in eval mode under ``torch.no_grad()``. Without native bf16, the model.
+def ours_inference(  # noqa: ANN201 - a callable like the model
+    model,  # noqa: ANN001 - an nn.Module
+    enabled: bool,
+    backend: str = "torch",
+    cache_dir: str | None = None,
+    threads: int = 2,
+):
+    """What the bundles' inferers call: the network, or under ``amp`` the network on its bf16 weight copies made
+    once (``hybridseg.inferers.CastWeights``; the model itself without native bf16), or its ONNX Runtime twin
+    for ``backend`` onnxruntime / onnxruntime_int8 (exported to ``cache_dir`` on the first call; int8
+    calibrated on two random batches). Call in eval mode under ``torch.no_grad()``.
     """
+    if backend != "torch":
+        import torch
+
+        from hybridseg.backends import OnnxRuntimeNetwork
+
+        def calibration(shape: tuple[int, ...]) -> list:
+            gen = torch.Generator().manual_seed(1)
+            return [torch.randn(1, *shape, generator=gen).numpy() for _ in range(2)]
+
+        return OnnxRuntimeNetwork(model, backend, cache_dir=cache_dir, calibration=calibration, num_threads=threads)
     from hybridseg.inferers import CastWeights
 
     dtype = ours_amp_dtype(enabled)
@@ -222,8 +244,19 @@ def dice_ce(logits, target, classes: int, w_ce: float):  # noqa: ANN001, ANN201
     return w_ce * ce + (1.0 - w_ce) * dice.mean()
 
 
-def child(side: str, network: str, folder: str | None, reps: int, threads: int, seed: int, amp: bool = False) -> dict:
+def child(
+    side: str,
+    network: str,
+    folder: str | None,
+    reps: int,
+    threads: int,
+    seed: int,
+    amp: bool = False,
+    backend: str = "torch",
+) -> dict:
     """Build one side's network and time forward (b1) and training steps (b2); medians in ms."""
+    import tempfile
+
     import torch
 
     torch.set_num_threads(threads)
@@ -241,7 +274,9 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
     # Forward passes on a copy the training steps do not change: inference runs on fixed weights, and ours
     # makes its bf16 weight copies once for them (the steps are interleaved with the training steps below).
     frozen = copy.deepcopy(model).eval()
-    infer = ours_inference(frozen, amp) if side == "ours" else frozen
+    backend = backend if side == "ours" else "torch"
+    cache = tempfile.TemporaryDirectory(prefix="bench_reference_onnx_")  # the export lives as long as the timing
+    infer = ours_inference(frozen, amp, backend, cache.name, threads) if side == "ours" else frozen
 
     def forward() -> None:
         with torch.no_grad(), autocast():
@@ -256,8 +291,11 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
         loss.backward()
         opt.step()
 
-    for _ in range(2):  # warm-up: oneDNN primitive caches, allocator, our window-layout cache
+    export_s = 0.0
+    for _ in range(2):  # warm-up: oneDNN primitive caches, allocator, our window-layout cache, the ONNX export
+        t0 = time.perf_counter()
         forward()
+        export_s = export_s or time.perf_counter() - t0
         train_step()
     times: dict[str, list[float]] = {"forward_b1": [], "train_b2": []}
     cpu: dict[str, list[float]] = {"forward_b1": [], "train_b2": []}
@@ -268,10 +306,13 @@ def child(side: str, network: str, folder: str | None, reps: int, threads: int, 
             times[name].append(time.perf_counter() - wall0)
             cpu[name].append(time.process_time() - cpu0)
     params = sum(p.numel() for p in model.parameters())
+    cache.cleanup()
     return {
         "side": side,
         "network": network,
         "amp": bool(amp and side == "ours" and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "backend": backend,
+        "first_forward_s": export_s,  # with an onnxruntime backend: export (+ int8 calibration) and first run
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "params": params,
@@ -351,6 +392,7 @@ def run_child(python: str, side: str, network: str, folder: Path | None, args: a
     cmd = [python, str(Path(__file__).resolve()), "--child", side, "--network", network]
     cmd += ["--reps", str(args.reps), "--threads", str(args.threads), "--seed", str(seed)]
     cmd += ["--ours-amp"] if args.ours_amp else []
+    cmd += ["--ours-backend", args.ours_backend] if side == "ours" else []
     if folder is not None:
         cmd += ["--folder", str(folder)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -398,7 +440,9 @@ def compare(network: str, folder: Path, args: argparse.Namespace) -> dict:
             med, cpu = res[side]["median_ms"], res[side]["cpu_median_ms"]
             print(f"  round {r + 1} {network} {side:9s}: forward b1 {med['forward_b1']:8.0f} ms "
                   f"(CPU {cpu['forward_b1']:.0f}), train step b2 {med['train_b2']:8.0f} ms "
-                  f"(CPU {cpu['train_b2']:.0f})", flush=True)  # fmt: skip
+                  f"(CPU {cpu['train_b2']:.0f})"
+                  + (f", first forward {res[side]['first_forward_s']:.1f} s (export)"
+                     if res[side].get("backend", "torch") != "torch" else ""), flush=True)  # fmt: skip
         rounds.append(res)
     summary = {}
     for clock in ("median_ms", "cpu_median_ms"):
@@ -436,17 +480,36 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="our side with the bundles' default amp (bf16 autocast on a CPU with native bf16; fp32 elsewhere)",
     )
+    p.add_argument(
+        "--ours-backend",
+        choices=("torch", "onnxruntime", "onnxruntime_int8"),
+        default="torch",
+        help="the bundles' inference backend for our forward passes (training steps stay torch)",
+    )
     p.add_argument("--child", choices=("ours", "reference", "both"), help=argparse.SUPPRESS)
     p.add_argument("--network", choices=NETWORKS, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.same_process and args.ours_backend != "torch":
+        p.error("--same-process runs ours in the reference's environment, without ONNX Runtime: drop --ours-backend")
     if args.child == "both":
         print(json.dumps(same_process(args.network, args.folder, args.reps, args.threads, args.ours_amp)))
         return 0
     if args.child:
         print(
-            json.dumps(child(args.child, args.network, args.folder, args.reps, args.threads, args.seed, args.ours_amp))
+            json.dumps(
+                child(
+                    args.child,
+                    args.network,
+                    args.folder,
+                    args.reps,
+                    args.threads,
+                    args.seed,
+                    args.ours_amp,
+                    args.ours_backend,
+                )
+            )
         )
         return 0
 
@@ -462,9 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mode = "one process, calls taking turns" if args.same_process else f"{args.rounds} process pairs"
     precision = "ours with the bundles' amp (bf16 where native), reference fp32" if args.ours_amp else "fp32"
+    precision += f"; our forward on {args.ours_backend}" if args.ours_backend != "torch" else ""
     print(f"threads {args.threads}, {precision}, {SIZE}x{SIZE}, {mode}, {args.reps} reps; "
           f"reference python {args.reference_python}; load average {load_average()}", flush=True)  # fmt: skip
     results = {"load_average_before": load_average(), "threads": args.threads, "ours_amp": args.ours_amp}
+    results["ours_backend"] = args.ours_backend
     results["cpu_capability"] = cpu_capability()
     results["networks"] = []
     for network, folder in targets:

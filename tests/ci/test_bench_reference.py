@@ -64,3 +64,23 @@ def test_ours_inference_under_amp_computes_what_autocast_alone_computes(bench_re
     for amp in (False, True):  # True: bf16 weight copies where the CPU has native bf16, else the model as it is
         with torch.no_grad(), bench_reference.ours_autocast(amp):
             assert torch.equal(bench_reference.ours_inference(net, amp)(x), net(x))
+
+
+def test_ours_inference_on_onnxruntime_runs_the_export_made_in_the_given_folder(bench_reference, tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 1, 16, 16)
+    infer = bench_reference.ours_inference(net, False, "onnxruntime", str(tmp_path), threads=1)
+    with torch.no_grad():
+        got, want = infer(x), net(x)
+    assert [f.suffix for f in tmp_path.iterdir()] == [".onnx"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_onnxruntime_backend_is_refused_with_same_process_naming_why(bench_reference, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_reference.main(["--braunetpp", str(tmp_path), "--same-process", "--ours-backend", "onnxruntime"])
+    assert exc.value.code == 2
+    assert "without ONNX Runtime" in capsys.readouterr().err
