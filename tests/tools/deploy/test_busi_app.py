@@ -3,8 +3,11 @@ inference on the same image with the same weights."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.bundles.conftest import infer
@@ -12,7 +15,7 @@ from tests.tools.deploy.conftest import deploy_python, export_tiny_bundle, run_a
 
 pytestmark = pytest.mark.slow
 
-# CPU-sized CFFormer-s at 64 px, fp32 (see the Synapse app test for why not bf16).
+# CPU-sized CFFormer-s at 64 px, fp32: the same masks on every CPU (bf16 runs only where the CPU has it, below).
 TINY = {"variant": "s", "image_size": [64, 64], "amp": False, "write_overlays": False}
 
 
@@ -90,3 +93,58 @@ def test_an_input_folder_without_dicom_or_images_fails_naming_the_folder(tmp_pat
     assert proc.returncode != 0
     assert f"{empty}: folder contains no DICOM files and no images" in proc.stderr
     assert not any(out.iterdir())
+
+
+def test_mixed_precision_app_gives_the_bundles_mixed_precision_mask_bit_for_bit(tmp_path):
+    """An export whose config keeps ``amp`` on: the app runs the eager network rebuilt from the embedded config
+    (weights cast to bf16 once), so its mask is the bundle's bf16 inference mask exactly; the TorchScript module
+    under autocast rounds differently (0.14 % of this image's pixels flip with random weights)."""
+    from hybridseg.inferers import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("amp runs bf16 only on a CPU with native bf16 (AVX512-BF16/AMX); here it is float32")
+    from hybridseg.tools.synth_busi import make_busi_image
+
+    deploy_python()
+    gray, _ = make_busi_image(np.random.default_rng(1), 80, 96, "benign", 1)
+    (tmp_path / "png").mkdir()
+    Image.fromarray(gray).save(tmp_path / "png" / "case1.png")
+    amp = {**TINY, "amp": True}
+    exported = export_tiny_bundle("cfformer_busi", tmp_path / "bundle", amp)
+    (tmp_path / "app").mkdir()
+    # bf16 kernels split their sums by thread count: the app gets this process's threads
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run_app("hybridseg.tools.deploy.busi_app", tmp_path / "png", exported["ts"], tmp_path / "app", env=threads)
+    infer("cfformer_busi", tmp_path / "png", tmp_path / "bundle_out", exported["ckpt"], **amp)
+    mask = np.asarray(Image.open(tmp_path / "app" / "case1_mask.png"))
+    bundle_mask = np.asarray(Image.open(tmp_path / "bundle_out" / "case1_mask.png"))
+    assert 0 < (bundle_mask > 0).mean() < 1, "degenerate check: the bundle's mask is uniform"
+    np.testing.assert_array_equal(mask, bundle_mask)
+
+
+def test_mixed_precision_app_runs_the_torchscript_module_when_its_config_cannot_rebuild_the_network(tmp_path):
+    """An export whose embedded config no longer builds ``network_def``: under ``amp`` the app says why in its
+    log and runs the TorchScript module under autocast, as it did before it ran the eager network."""
+    from hybridseg.inferers import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("amp runs bf16 only on a CPU with native bf16 (AVX512-BF16/AMX); here it is float32")
+    from hybridseg.tools.synth_busi import make_busi_image
+
+    deploy_python()
+    gray, _ = make_busi_image(np.random.default_rng(1), 80, 96, "benign", 1)
+    (tmp_path / "png").mkdir()
+    Image.fromarray(gray).save(tmp_path / "png" / "case1.png")
+    exported = export_tiny_bundle("cfformer_busi", tmp_path / "bundle", {**TINY, "amp": True})
+    extra = {"inference.json": "", "metadata.json": ""}
+    module = torch.jit.load(str(exported["ts"]), _extra_files=extra)
+    config = json.loads(extra["inference.json"])
+    config["network_def"] = "$hybridseg.bundle.select_network(@network_defs, 'renamed')"
+    extra["inference.json"] = json.dumps(config)
+    torch.jit.save(module, str(exported["ts"]), _extra_files=extra)
+    (tmp_path / "app").mkdir()
+    proc = run_app("hybridseg.tools.deploy.busi_app", tmp_path / "png", exported["ts"], tmp_path / "app")
+    log = proc.stdout + proc.stderr
+    assert f"{exported['ts']}: cannot rebuild the network from its embedded inference config" in log, log[-3000:]
+    mask = np.asarray(Image.open(tmp_path / "app" / "case1_mask.png"))
+    assert mask.shape == gray.shape and set(np.unique(mask)) <= {0, 255}

@@ -49,7 +49,10 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
     ``hybridseg.backends``), the graph cached next to the model file; int8 is then calibrated on the first
     input, as the app has no other images. The ONNX graph is exported from the network rebuilt from the embedded
     config's ``network_def`` with the TorchScript file's weights, so scripted exports (the default) and traced
-    ones both work.
+    ones both work. With ``torch`` under mixed precision (the config's ``amp`` where the device has it) that
+    rebuilt network runs instead of the TorchScript one: the inferer then casts its weights once rather than on
+    every call, and its outputs are the bundle's own ``inference.json`` outputs bit for bit, which the scripted
+    module's under autocast are not.
     """
 
     def __init__(
@@ -74,15 +77,23 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
         LOG.info("inference backend: %s", self.backend)
 
     def predict(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.backend == "torch":
+        if self.backend == "torch" and self._autocast_dtype() is None:
             return super().predict(data, *args, **kwargs)
-        return self._inferer(data, self._exportable_network(), *args, **kwargs)
+        return self._inferer(data, self._eager_twin(), *args, **kwargs)
 
-    def _exportable_network(self) -> torch.nn.Module:
-        """The network for ONNX export: ``network_def`` of the embedded config, given the TorchScript's weights.
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """The low-precision dtype the embedded inferer runs the network in (None: float32)."""
+        from hybridseg.backends import BackendInferer
 
-        torch's ONNX exporter cannot convert the Python control flow a scripted module keeps; the eager module
-        it was scripted from exports as the bundles' own ``backend`` exports it.
+        inner = self._inferer.inferer if isinstance(self._inferer, BackendInferer) else self._inferer
+        return getattr(inner, "dtype", None)
+
+    def _eager_twin(self) -> torch.nn.Module:
+        """``network_def`` of the embedded config, given the TorchScript's weights: the eager module it came from.
+
+        ONNX export needs it (torch's exporter cannot convert the Python control flow a scripted module keeps),
+        and so does mixed precision: autocast over a scripted module casts every weight on every call and
+        rounds differently from the eager module the bundle runs.
         """
         if self._eager_network is None:
             # the SDK's TorchScriptModel holds the loaded module as ``predictor``
@@ -94,11 +105,14 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
                 expected = network.state_dict().keys()
                 weights = {k: v for k, v in scripted.state_dict().items() if k in expected}
                 network.load_state_dict(weights, strict=True)
-            except Exception as e:  # noqa: BLE001 - any failure here means the file cannot run on ONNX Runtime
-                raise RuntimeError(
-                    f"{self.bundle_path}: cannot rebuild the network from its embedded inference config for "
-                    f"{self.backend} ({type(e).__name__}: {e}); run with HYBRIDSEG_BACKEND=torch"
-                ) from e
+            except Exception as e:  # noqa: BLE001 - any failure here means the file runs only as TorchScript
+                why = f"{self.bundle_path}: cannot rebuild the network from its embedded inference config"
+                why += f" ({type(e).__name__}: {e})"
+                if self.backend != "torch":
+                    raise RuntimeError(f"{why} for {self.backend}; run with HYBRIDSEG_BACKEND=torch") from e
+                LOG.warning("%s; running the TorchScript module under autocast", why)
+                self._eager_network = scripted
+                return scripted
             device = next(scripted.parameters(), torch.empty(0)).device
             self._eager_network = network.to(device).eval()
         return self._eager_network
