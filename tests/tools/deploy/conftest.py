@@ -37,6 +37,18 @@ def deploy_python() -> Path:
     return DEPLOY_PYTHON
 
 
+def bf16_app_env() -> dict:
+    """Environment for an app run under ``amp`` that must match this process bit for bit; skips the calling
+    test where ``amp`` means float32 (no native bf16). bf16 kernels split their sums by thread count, so the app
+    gets this process's threads."""
+    from hybridseg.inferers import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("amp runs bf16 only on a CPU with native bf16 (AVX512-BF16/AMX); here it is float32")
+    deploy_python()
+    return {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def _raise_stack() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
     want = APP_STACK_BYTES if hard == resource.RLIM_INFINITY else min(APP_STACK_BYTES, hard)

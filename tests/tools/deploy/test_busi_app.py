@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests.bundles.conftest import infer
-from tests.tools.deploy.conftest import deploy_python, export_tiny_bundle, run_app, write_us_image
+from tests.tools.deploy.conftest import bf16_app_env, deploy_python, export_tiny_bundle, run_app, write_us_image
 
 pytestmark = pytest.mark.slow
 
@@ -95,27 +95,25 @@ def test_an_input_folder_without_dicom_or_images_fails_naming_the_folder(tmp_pat
     assert not any(out.iterdir())
 
 
+def _amp_export(work) -> tuple[np.ndarray, dict]:
+    """The fixture's generated image as ``work/png/case1.png`` and a tiny export whose config keeps ``amp`` on."""
+    from hybridseg.tools.synth_busi import make_busi_image
+
+    gray, _ = make_busi_image(np.random.default_rng(1), 80, 96, "benign", 1)
+    (work / "png").mkdir()
+    Image.fromarray(gray).save(work / "png" / "case1.png")
+    (work / "app").mkdir()
+    return gray, export_tiny_bundle("cfformer_busi", work / "bundle", {**TINY, "amp": True})
+
+
 def test_mixed_precision_app_gives_the_bundles_mixed_precision_mask_bit_for_bit(tmp_path):
     """An export whose config keeps ``amp`` on: the app runs the eager network rebuilt from the embedded config
     (weights cast to bf16 once), so its mask is the bundle's bf16 inference mask exactly; the TorchScript module
     under autocast rounds differently (0.14 % of this image's pixels flip with random weights)."""
-    from hybridseg.inferers import cpu_has_native_bf16
-
-    if not cpu_has_native_bf16():
-        pytest.skip("amp runs bf16 only on a CPU with native bf16 (AVX512-BF16/AMX); here it is float32")
-    from hybridseg.tools.synth_busi import make_busi_image
-
-    deploy_python()
-    gray, _ = make_busi_image(np.random.default_rng(1), 80, 96, "benign", 1)
-    (tmp_path / "png").mkdir()
-    Image.fromarray(gray).save(tmp_path / "png" / "case1.png")
-    amp = {**TINY, "amp": True}
-    exported = export_tiny_bundle("cfformer_busi", tmp_path / "bundle", amp)
-    (tmp_path / "app").mkdir()
-    # bf16 kernels split their sums by thread count: the app gets this process's threads
-    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    run_app("hybridseg.tools.deploy.busi_app", tmp_path / "png", exported["ts"], tmp_path / "app", env=threads)
-    infer("cfformer_busi", tmp_path / "png", tmp_path / "bundle_out", exported["ckpt"], **amp)
+    env = bf16_app_env()
+    _, exported = _amp_export(tmp_path)
+    run_app("hybridseg.tools.deploy.busi_app", tmp_path / "png", exported["ts"], tmp_path / "app", env=env)
+    infer("cfformer_busi", tmp_path / "png", tmp_path / "bundle_out", exported["ckpt"], **{**TINY, "amp": True})
     mask = np.asarray(Image.open(tmp_path / "app" / "case1_mask.png"))
     bundle_mask = np.asarray(Image.open(tmp_path / "bundle_out" / "case1_mask.png"))
     assert 0 < (bundle_mask > 0).mean() < 1, "degenerate check: the bundle's mask is uniform"
@@ -125,25 +123,15 @@ def test_mixed_precision_app_gives_the_bundles_mixed_precision_mask_bit_for_bit(
 def test_mixed_precision_app_runs_the_torchscript_module_when_its_config_cannot_rebuild_the_network(tmp_path):
     """An export whose embedded config no longer builds ``network_def``: under ``amp`` the app says why in its
     log and runs the TorchScript module under autocast, as it did before it ran the eager network."""
-    from hybridseg.inferers import cpu_has_native_bf16
-
-    if not cpu_has_native_bf16():
-        pytest.skip("amp runs bf16 only on a CPU with native bf16 (AVX512-BF16/AMX); here it is float32")
-    from hybridseg.tools.synth_busi import make_busi_image
-
-    deploy_python()
-    gray, _ = make_busi_image(np.random.default_rng(1), 80, 96, "benign", 1)
-    (tmp_path / "png").mkdir()
-    Image.fromarray(gray).save(tmp_path / "png" / "case1.png")
-    exported = export_tiny_bundle("cfformer_busi", tmp_path / "bundle", {**TINY, "amp": True})
+    env = bf16_app_env()
+    gray, exported = _amp_export(tmp_path)
     extra = {"inference.json": "", "metadata.json": ""}
     module = torch.jit.load(str(exported["ts"]), _extra_files=extra)
     config = json.loads(extra["inference.json"])
     config["network_def"] = "$hybridseg.bundle.select_network(@network_defs, 'renamed')"
     extra["inference.json"] = json.dumps(config)
     torch.jit.save(module, str(exported["ts"]), _extra_files=extra)
-    (tmp_path / "app").mkdir()
-    proc = run_app("hybridseg.tools.deploy.busi_app", tmp_path / "png", exported["ts"], tmp_path / "app")
+    proc = run_app("hybridseg.tools.deploy.busi_app", tmp_path / "png", exported["ts"], tmp_path / "app", env=env)
     log = proc.stdout + proc.stderr
     assert f"{exported['ts']}: cannot rebuild the network from its embedded inference config" in log, log[-3000:]
     mask = np.asarray(Image.open(tmp_path / "app" / "case1_mask.png"))

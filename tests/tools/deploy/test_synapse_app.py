@@ -7,10 +7,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from tests.bundles.conftest import infer
-from tests.tools.deploy.conftest import deploy_python, export_tiny_bundle, run_app, write_ct_series
+from tests.tools.deploy.conftest import bf16_app_env, deploy_python, export_tiny_bundle, run_app, write_ct_series
 
 pytestmark = pytest.mark.slow
 
@@ -86,21 +85,15 @@ def test_app_nifti_is_on_the_series_grid_and_matches_the_bundle_inference(run):
 def test_mixed_precision_app_gives_the_bundles_mixed_precision_labels_bit_for_bit(tmp_path):
     """``amp`` on in the exported config: the slice-by-slice bf16 inference of the app (eager network rebuilt
     from the embedded config, weights cast once) labels every voxel as the bundle's bf16 inference does."""
-    from hybridseg.inferers import cpu_has_native_bf16
-
-    if not cpu_has_native_bf16():
-        pytest.skip("amp runs bf16 only on a CPU with native bf16 (AVX512-BF16/AMX); here it is float32")
+    env = bf16_app_env()
     from hybridseg.tools.synth_synapse import make_ct_case
 
-    deploy_python()
     hu, _, spacing = make_ct_case((64, 56, 6), np.random.default_rng(3))
     series_uid = write_ct_series(tmp_path / "dicom" / "series1", hu, spacing)
     amp = {**TINY, "amp": True}
     exported = export_tiny_bundle("braunetpp_synapse", tmp_path / "bundle", amp)
     (tmp_path / "app").mkdir()
-    # bf16 kernels split their sums by thread count: the app gets this process's threads
-    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    run_app("hybridseg.tools.deploy.synapse_app", tmp_path / "dicom", exported["ts"], tmp_path / "app", env=threads)
+    run_app("hybridseg.tools.deploy.synapse_app", tmp_path / "dicom", exported["ts"], tmp_path / "app", env=env)
     infer("braunetpp_synapse", tmp_path / "dicom", tmp_path / "bundle_out", exported["ckpt"], **amp)
     app = np.asarray(nib.load(tmp_path / "app" / f"{series_uid}_seg.nii.gz").dataobj)
     bundle = np.asarray(nib.load(tmp_path / "bundle_out" / "series1_seg.nii.gz").dataobj)
