@@ -276,8 +276,9 @@ def child(
     # makes its bf16 weight copies once for them (the steps are interleaved with the training steps below).
     frozen = copy.deepcopy(model).eval()
     backend = backend if side == "ours" else "torch"
-    cache = tempfile.TemporaryDirectory(prefix="bench_reference_onnx_")  # the export lives as long as the timing
-    infer = ours_inference(frozen, amp, backend, cache.name, threads) if side == "ours" else frozen
+    # the ONNX export lives as long as the timing
+    cache = tempfile.TemporaryDirectory(prefix="bench_reference_onnx_") if backend != "torch" else None
+    infer = ours_inference(frozen, amp, backend, cache and cache.name, threads) if side == "ours" else frozen
 
     def forward() -> None:
         with torch.no_grad(), autocast():
@@ -308,7 +309,8 @@ def child(
             times[name].append(time.perf_counter() - wall0)
             cpu[name].append(time.process_time() - cpu0)
     params = sum(p.numel() for p in model.parameters())
-    cache.cleanup()
+    if cache is not None:
+        cache.cleanup()
     return {
         "side": side,
         "network": network,

@@ -74,19 +74,14 @@ class BundleInferenceOperator(MonaiBundleInferenceOperator):
         inner = self._inferer.inferer if isinstance(self._inferer, BackendInferer) else self._inferer
         # the app's own backend choice, whatever the exported config says; no calibration images here
         self._inferer = BackendInferer(inner, self.backend, cache_dir=Path(self.bundle_path).parent)
+        # the embedded inferer's low-precision dtype (AutocastInferer / ResizedSliceInferer); None: float32
+        self._autocast_dtype = getattr(inner, "dtype", None)
         LOG.info("inference backend: %s", self.backend)
 
     def predict(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.backend == "torch" and self._autocast_dtype() is None:
+        if self.backend == "torch" and self._autocast_dtype is None:
             return super().predict(data, *args, **kwargs)
         return self._inferer(data, self._eager_twin(), *args, **kwargs)
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        """The low-precision dtype the embedded inferer runs the network in (None: float32)."""
-        from hybridseg.backends import BackendInferer
-
-        inner = self._inferer.inferer if isinstance(self._inferer, BackendInferer) else self._inferer
-        return getattr(inner, "dtype", None)
 
     def _eager_twin(self) -> torch.nn.Module:
         """``network_def`` of the embedded config, given the TorchScript's weights: the eager module it came from.
